@@ -1,0 +1,3 @@
+from cmkg.cli import main
+import sys
+sys.exit(main())

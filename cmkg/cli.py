@@ -1,0 +1,176 @@
+"""The ``cmkg`` command line.
+
+    cmkg data synth --domain NAME --num N --size PX --out DIR [--seed S]
+    cmkg train {teacher,student,kd} --config FILE|PRESET [--set key=value ...] [--out DIR]
+    cmkg eval-predictions --pred P.npy --gt G.npy [--vis V.npy] [--root-relative]
+    cmkg config show --config FILE|PRESET [--set key=value ...]
+
+User errors (bad config, YAML, data, arguments) print one message naming the file and key and
+exit with status 2; nothing half-written is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from cmkg.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own exit status is 2 as well; keep its usage line
+        self.print_usage(sys.stderr)
+        raise SystemExit(f"{self.prog}: error: {message}") from None
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="smoke",
+                   help="a preset (smoke, cpu, paper) or a YAML file (default: smoke)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config entry, e.g. --set optim.lr=1e-3 (repeatable)")
+    p.add_argument("--out", help="artifact store folder (same as --set run.store=DIR)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from cmkg.synth import DOMAINS
+
+    parser = _Parser(prog="cmkg", description="Cross-modal knowledge generalization "
+                     "(Knowledge as Priors, CVPR 2020)")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    data = sub.add_parser("data", help="create datasets").add_subparsers(
+        dest="data_command", required=True, parser_class=_Parser)
+    syn = data.add_parser("synth", help="render a paired synthetic hand dataset")
+    syn.add_argument("--domain", required=True, choices=sorted(DOMAINS))
+    syn.add_argument("--num", type=int, required=True, help="number of samples")
+    syn.add_argument("--size", type=int, default=64, help="image size in pixels (default 64)")
+    syn.add_argument("--out", required=True, help="output folder")
+    syn.add_argument("--seed", type=int, default=0)
+    syn.add_argument("--split", type=float, nargs=3, default=[0.8, 0.1, 0.1],
+                     metavar=("TRAIN", "VAL", "TEST"))
+
+    train = sub.add_parser("train", help="train and evaluate one stage (and its missing inputs)")
+    train.add_argument("stage", choices=["teacher", "student", "kd"])
+    _add_config_args(train)
+
+    ev = sub.add_parser("eval-predictions", help="EPE / PCK / AUC of saved predictions as JSON")
+    ev.add_argument("--pred", required=True, help="(N, 21, 3) predictions, mm")
+    ev.add_argument("--gt", required=True, help="(N, 21, 3) ground truth, mm, same frame")
+    ev.add_argument("--vis", help="(N, 21) visibility (bool or 0/1); default: all visible")
+    ev.add_argument("--root-relative", action="store_true",
+                    help="subtract joint 0 (wrist) from both before comparing")
+
+    cfg = sub.add_parser("config", help="inspect configs").add_subparsers(
+        dest="config_command", required=True, parser_class=_Parser)
+    show = cfg.add_parser("show", help="print the resolved config as YAML")
+    _add_config_args(show)
+    return parser
+
+
+def _load_config(args):
+    from cmkg import config
+
+    overrides = list(args.overrides)
+    if args.out:
+        overrides.append(f"run.store={args.out}")
+    return config.load(args.config, overrides)
+
+
+def _cmd_synth(args) -> int:
+    from cmkg.data import synthesize
+
+    if args.num < 1 or not 16 <= args.size <= 1024:
+        raise UserError(f"--num must be >= 1 and --size in [16, 1024] (got {args.num}, {args.size})")
+    if abs(sum(args.split) - 1) > 1e-6 or min(args.split) < 0:
+        raise UserError(f"--split must be three non-negative fractions summing to 1, got {args.split}")
+    m = synthesize(args.out, args.domain, args.num, args.size, args.seed, tuple(args.split))
+    print(json.dumps({"out": str(args.out), "num": m["num"], "fingerprint": m["fingerprint"],
+                      "splits": {k: v["num"] for k, v in m["splits"].items()}}))
+    return 0
+
+
+def _summary(cfg, stage: str) -> str:
+    """Test metrics of the stage and its inputs, side by side."""
+    from cmkg.stages import DEPENDS, Store, stage_key
+
+    store = Store(cfg.run.store)
+    rows = []
+    for name in (*DEPENDS[stage], stage):
+        art = store.get(name, stage_key(name, cfg)[0])
+        if art is None:
+            continue
+        t = art.metrics["test"]
+        rows.append((name, art.meta["spec"]["arch"], art.meta["spec"]["modality"],
+                     f"{t['epe_mm']:.2f}", f"{t['auc_20_50']:.3f}", str(art.path)))
+    head = ("stage", "backbone", "input", "test EPE mm", "AUC 20-50", "artifact")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [head, *rows])
+
+
+def _cmd_train(args) -> int:
+    from cmkg.stages import run_stage
+
+    cfg = _load_config(args)
+    run_stage(args.stage, cfg)
+    print(_summary(cfg, args.stage))
+    return 0
+
+
+def _load_npy(path: str, name: str):
+    import numpy as np
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--{name} {path}: file not found")
+    try:
+        return np.load(p, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise UserError(f"--{name} {path}: not a readable .npy array ({e})") from None
+
+
+def _cmd_eval(args) -> int:
+    from cmkg.metrics import pose_metrics
+
+    pred, gt = _load_npy(args.pred, "pred"), _load_npy(args.gt, "gt")
+    vis = _load_npy(args.vis, "vis") if args.vis else None
+    if pred.ndim != 3 or pred.shape[1:] != (21, 3):
+        raise UserError(f"--pred {args.pred}: expected shape (N, 21, 3), got {pred.shape}")
+    if gt.shape != pred.shape:
+        raise UserError(f"--gt {args.gt}: shape {gt.shape} differs from --pred {pred.shape}")
+    if vis is not None and vis.shape != pred.shape[:2]:
+        raise UserError(f"--vis {args.vis}: expected shape {pred.shape[:2]}, got {vis.shape}")
+    if args.root_relative:
+        pred, gt = pred - pred[:, :1], gt - gt[:, :1]
+    try:
+        out = pose_metrics(pred, gt, vis)
+    except ValueError as e:
+        raise UserError(f"--vis {args.vis}: {e}") from None
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def _cmd_config_show(args) -> int:
+    import yaml
+
+    print(yaml.safe_dump(_load_config(args).to_dict(), sort_keys=False), end="")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"data": _cmd_synth, "train": _cmd_train, "eval-predictions": _cmd_eval,
+                "config": _cmd_config_show}
+    try:
+        return handlers[args.command](args)
+    except UserError as e:
+        print(f"cmkg: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("cmkg: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,333 @@
+"""Typed, strict configuration: dataclass defaults <- preset YAML <- experiment YAML <- --set.
+
+The dataclass defaults are the paper's settings (Sect. 5.1); the presets in ``cmkg/presets/``
+(``smoke``, ``cpu``, ``paper``) and experiment files are short diffs against them. An experiment
+file may name its preset with a top-level ``preset:`` key.
+
+Loading is strict and reports every problem at once, each with its dotted key: unknown keys
+(with a suggestion), wrong types, out-of-range values, missing data folders. YAML is read with
+``yaml.safe_load`` and never executes code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+from cmkg.errors import ConfigError
+
+PRESET_DIR = Path(__file__).parent / "presets"
+PRESETS = ("smoke", "cpu", "paper")
+STAGES = ("teacher", "student", "kd")
+
+
+@dataclass
+class DataSpec:
+    """One dataset: a synthetic domain rendered on demand, or a shard folder (``path``)."""
+
+    domain: str = "rhd-like"
+    num: int = 41258  # RHD's training set size
+    size: int = 256
+    seed: int = 0
+    path: str | None = None  # a `cmkg data synth/convert` folder; overrides the four above
+
+
+@dataclass
+class DataConfig:
+    source: DataSpec = field(default_factory=DataSpec)  # paired RGB + depth
+    target: DataSpec = field(default_factory=lambda: DataSpec(domain="stb-like", num=18000,
+                                                              seed=1))
+    augment: DataSpec | None = None  # extra paired synthetic set "A" of Table 1
+    split: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])  # train/val/test
+    root: str = "data"  # where synthetic datasets are cached, content-addressed
+
+
+@dataclass
+class ModelConfig:
+    teacher: str = "resnet18"
+    student: str = "resnet18"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2.5e-4
+    batch_size: int = 32
+    weight_decay: float = 0.0
+
+
+@dataclass
+class EpochsConfig:
+    teacher: int = 200
+    student: int = 100
+    kd: int = 100
+
+
+@dataclass
+class DistillConfig:
+    losses: list[str] = field(default_factory=lambda: ["act", "att"])
+    lambda_att: float = 1.0e3
+    att_layers: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
+
+
+@dataclass
+class InputsConfig:
+    """Explicit upstream artifacts (folders of finished stages); by default found by key."""
+
+    teacher: str | None = None
+    student: str | None = None
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = 0  # torch intra-op threads; 0 = all cores
+    store: str = "runs"  # artifact store (local folder)
+    loader_workers: int = 0
+    eval_every: int = 1
+    progress: str = "auto"  # auto (bar on a terminal, lines otherwise) | lines | none
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    epochs: EpochsConfig = field(default_factory=EpochsConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    inputs: InputsConfig = field(default_factory=InputsConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    preset: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def digest(obj) -> str:
+    """sha256 of an object's canonical JSON: the basis of artifact keys."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Strict construction from plain data
+# ---------------------------------------------------------------------------------------------
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value, tp, key: str, problems: list[str], base=None):
+    """Check ``value`` against the annotation ``tp``; return the converted value. Mappings for
+    nested dataclasses update ``base`` (the field's default), so partial mappings keep defaults."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key, problems, base)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            problems.append(f"{key}: expected a mapping, got {value!r}")
+            return _INVALID
+        return _build(base if base is not None else tp(), value, key, problems)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            problems.append(f"{key}: expected a list of {_type_name(item)}, got {value!r}")
+            return _INVALID
+        return [_coerce(v, item, f"{key}[{i}]", problems) for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        problems.append(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        return _INVALID
+    return value
+
+
+_INVALID = object()
+
+
+def _build(obj, data: dict, prefix: str, problems: list[str]):
+    """Update a copy of the dataclass instance ``obj`` from the mapping ``data``."""
+    obj = dataclasses.replace(obj)
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            near = difflib.get_close_matches(str(k), names, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else f"; known keys: {', '.join(names)}"
+            problems.append(f"{key}: unknown key{hint}")
+            continue
+        value = _coerce(v, hints[k], key, problems, getattr(obj, k))
+        if value is not _INVALID:
+            setattr(obj, k, value)
+    return obj
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation of values
+# ---------------------------------------------------------------------------------------------
+
+def validate(cfg: Config) -> list[str]:
+    """Range and choice checks; returns every problem found."""
+    from cmkg.models import BACKBONES
+    from cmkg.synth import DOMAINS
+
+    p = []
+
+    def check(ok: bool, key: str, msg: str):
+        if not ok:
+            p.append(f"{key}: {msg}")
+
+    specs = [("data.source", cfg.data.source), ("data.target", cfg.data.target)]
+    if cfg.data.augment is not None:
+        specs.append(("data.augment", cfg.data.augment))
+    for name, spec in specs:
+        if spec.path is not None:
+            check(Path(spec.path, "manifest.json").is_file(), f"{name}.path",
+                  f"{spec.path!r} is not a cmkg dataset folder (no manifest.json)")
+        else:
+            check(spec.domain in DOMAINS, f"{name}.domain",
+                  f"{spec.domain!r} is not a synthetic domain ({', '.join(DOMAINS)})")
+            check(spec.num >= 10, f"{name}.num", f"must be >= 10, got {spec.num}")
+            check(16 <= spec.size <= 1024, f"{name}.size", f"must be in [16, 1024], got {spec.size}")
+            check(spec.seed >= 0, f"{name}.seed", f"must be >= 0, got {spec.seed}")
+    sp = cfg.data.split
+    check(len(sp) == 3 and all(x >= 0 for x in sp) and abs(sum(sp) - 1) < 1e-6 and sp[0] > 0,
+          "data.split", f"must be three non-negative fractions train/val/test summing to 1, got {sp}")
+    for role in ("teacher", "student"):
+        arch = getattr(cfg.model, role)
+        check(arch in BACKBONES, f"model.{role}", f"{arch!r} is not one of {', '.join(BACKBONES)}")
+    check(cfg.optim.lr > 0, "optim.lr", f"must be > 0, got {cfg.optim.lr}")
+    check(cfg.optim.batch_size >= 1, "optim.batch_size", f"must be >= 1, got {cfg.optim.batch_size}")
+    check(cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    for stage in STAGES:
+        n = getattr(cfg.epochs, stage)
+        check(n >= 1, f"epochs.{stage}", f"must be >= 1, got {n}")
+    bad = [x for x in cfg.distill.losses if x not in ("act", "att")]
+    check(not bad and cfg.distill.losses, "distill.losses",
+          f"must be a non-empty subset of ['act', 'att'], got {cfg.distill.losses}")
+    check(cfg.distill.lambda_att >= 0, "distill.lambda_att", "must be >= 0")
+    check(bool(cfg.distill.att_layers) and all(1 <= i <= 4 for i in cfg.distill.att_layers),
+          "distill.att_layers", f"must list layers among 1..4, got {cfg.distill.att_layers}")
+    for role in ("teacher", "student"):
+        path = getattr(cfg.inputs, role)
+        if path is not None:
+            check(Path(path, "model.pt").is_file(), f"inputs.{role}",
+                  f"{path!r} is not a finished stage folder (no model.pt)")
+    dev = cfg.run.device
+    check(dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:"), "run.device",
+          f"must be auto, cpu, cuda or cuda:N, got {dev!r}")
+    check(cfg.run.threads >= 0, "run.threads", "must be >= 0")
+    check(cfg.run.loader_workers >= 0, "run.loader_workers", "must be >= 0")
+    check(cfg.run.eval_every >= 1, "run.eval_every", "must be >= 1")
+    check(cfg.run.progress in ("auto", "lines", "none"), "run.progress",
+          f"must be auto, lines or none, got {cfg.run.progress!r}")
+    check(cfg.preset is None or cfg.preset in PRESETS, "preset",
+          f"must be one of {', '.join(PRESETS)}, got {cfg.preset!r}")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(str(path), ["file not found"])
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(str(path), [f"not valid YAML: {e}"]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), [f"top level must be a mapping, got {type(data).__name__}"])
+    return data
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["optim.lr=1e-3", "model.student=resnet50"]`` -> nested dict; values parsed as YAML."""
+    out: dict = {}
+    problems = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            problems.append(f"--set {item!r}: expected key=value")
+            continue
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                problems.append(f"--set {key}: conflicts with another --set")
+                break
+        else:
+            node[parts[-1]] = value
+    if problems:
+        raise ConfigError("--set", problems)
+    return out
+
+
+def load(config: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Resolve a config: ``config`` is a preset name or a YAML path (its ``preset:`` key, if
+    any, is applied first); ``overrides`` are ``key=value`` strings applied last."""
+    layers: list[tuple[str, dict]] = []
+    if config is None:
+        user = {}
+        source = "defaults"
+    elif config in PRESETS:
+        user = {"preset": config}
+        source = f"preset {config}"
+    else:
+        path = Path(config)
+        user = _read_yaml(path)
+        source = str(path)
+    preset = user.get("preset")
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(source, [f"preset: must be one of {', '.join(PRESETS)}, got {preset!r}"])
+        layers.append((str(PRESET_DIR / f"{preset}.yaml"),
+                       _read_yaml(PRESET_DIR / f"{preset}.yaml")))
+    layers.append((source, user))
+    if overrides:
+        layers.append(("--set", parse_overrides(overrides)))
+
+    merged: dict = {}
+    problems: list[str] = []
+    for where, layer in layers:
+        found: list[str] = []
+        _build(Config(), layer, "", found)  # check each layer on its own, to name its file
+        problems += [f"{p} [{where}]" for p in found] if len(layers) > 1 else found
+        merged = _merge(merged, layer)
+    cfg = _build(Config(), merged, "", [])
+    problems += validate(cfg)
+    if problems:
+        raise ConfigError(" <- ".join(w for w, _ in layers), problems)
+    return cfg

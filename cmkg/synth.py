@@ -1,0 +1,470 @@
+"""Procedural paired renderer: RGB + depth + mask + 3D/2D joints + K for named hand domains.
+
+The hand is a union of spheres: one per joint, a dense row along every finger bone (a capsule),
+and a bed of larger spheres spanning the palm (a solid slab). Each sphere is splatted into the
+pixels of its screen-space box and all fragments go through one z-buffer (``scatter_reduce``
+with ``amin`` on a key that packs depth and primitive id), so depth, occlusion, mask and the
+shading normal all come from the same visible surface. The background plane and the few large
+distractor shapes are tested densely against every pixel, which is cheap for a handful of them.
+
+Each sample is a hand-centred crop, as the RHD/STB/FreiHAND pipelines feed their networks: the
+focal length is fixed per domain, the hand's distance is chosen so it spans ``fill`` of the image.
+
+Determinism: samples are drawn in fixed blocks of ``BLOCK`` whose random streams come from
+``SeedSequence([seed, domain, block])``, so a sample's bytes depend only on (domain, seed,
+index, size), not on how generation is sharded.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cmkg import hand
+
+GENERATOR_VERSION = 1
+BLOCK = 128
+DEPTH_KEY_SCALE = 64.0  # depth quantum in the z-buffer key: 1/64 mm
+ID_BITS = 12  # primitive ids per sample < 4096
+VIS_TOLERANCE = 1.3  # visible: surface at the joint's pixel within 1.3 radii in front of it
+
+
+@dataclass(frozen=True)
+class Domain:
+    """Appearance and viewpoint distribution of one synthetic dataset."""
+
+    name: str
+    # viewpoint: palm-facing pose, turned by these half-ranges (deg); back of hand with prob.
+    azimuth: float
+    elevation: float
+    roll: float
+    back_prob: float
+    pose_spread: float = 1.0
+    size_mean: float = 1.0
+    size_std: float = 0.07
+    # camera: focal length as a multiple of image size; hand span as a fraction of the image
+    focal: tuple[float, float] = (1.4, 2.4)
+    fill: tuple[float, float] = (0.65, 0.9)
+    shift: float = 0.06
+    # appearance
+    skin_tones: tuple[tuple[float, float, float], ...] = (
+        (0.95, 0.76, 0.64), (0.87, 0.64, 0.50), (0.72, 0.50, 0.36), (0.45, 0.30, 0.22))
+    skin_jitter: float = 0.06
+    skin_random_hue: bool = False
+    skin_texture: float = 0.12
+    harmonize: float = 0.0
+    ambient: tuple[float, float] = (0.25, 0.5)
+    diffuse: tuple[float, float] = (0.5, 0.9)
+    light_tint: float = 0.15
+    background: str = "clutter"  # clutter | indoor | green | photo
+    bg_texture: float = 0.3
+    distractors: int = 4
+    skin_like_distractors: float = 0.3
+    occluder_prob: float = 0.1
+    rgb_noise: float = 0.02
+    depth_noise_mm: float = 1.0
+    extras: dict = field(default_factory=dict)
+
+
+DOMAINS: dict[str, Domain] = {
+    # source: RHD-like, every viewpoint, varied people, textures and clutter
+    "rhd-like": Domain("rhd-like", azimuth=180.0, elevation=70.0, roll=180.0, back_prob=0.0),
+    # target: STB-like, one subject in front of the camera, narrow viewpoints, indoor scenes
+    "stb-like": Domain(
+        "stb-like", azimuth=45.0, elevation=30.0, roll=35.0, back_prob=0.3, pose_spread=0.8,
+        size_mean=0.95, size_std=0.02, focal=(1.8, 2.0), fill=(0.7, 0.85), shift=0.04,
+        skin_tones=((0.90, 0.70, 0.58), (0.85, 0.66, 0.55)), skin_jitter=0.03, skin_texture=0.08,
+        ambient=(0.35, 0.45), diffuse=(0.6, 0.75), light_tint=0.05, background="indoor",
+        bg_texture=0.12, distractors=2, skin_like_distractors=0.1, occluder_prob=0.0,
+        rgb_noise=0.015),
+    # the paper's extra synthetic set A: the widest variation of everything
+    "augment": Domain(
+        "augment", azimuth=180.0, elevation=90.0, roll=180.0, back_prob=0.0, pose_spread=1.3,
+        size_std=0.1, focal=(1.2, 2.8), fill=(0.55, 0.95), shift=0.1, skin_jitter=0.1,
+        skin_texture=0.2, ambient=(0.15, 0.6), diffuse=(0.3, 1.0), light_tint=0.3,
+        background="photo", bg_texture=0.45, distractors=6, occluder_prob=0.2, rgb_noise=0.03),
+    # FreiHAND's four versions: green screen, harmonized, sampled and auto-coloured backgrounds
+    "freihand-g": Domain(
+        "freihand-g", azimuth=70.0, elevation=50.0, roll=90.0, back_prob=0.2, focal=(2.0, 2.2),
+        ambient=(0.4, 0.5), diffuse=(0.55, 0.7), light_tint=0.05, background="green",
+        bg_texture=0.03, distractors=0, occluder_prob=0.0),
+    "freihand-h": Domain(
+        "freihand-h", azimuth=70.0, elevation=50.0, roll=90.0, back_prob=0.2, focal=(2.0, 2.2),
+        harmonize=0.35, background="photo", bg_texture=0.3, distractors=2, occluder_prob=0.0),
+    "freihand-s": Domain(
+        "freihand-s", azimuth=70.0, elevation=50.0, roll=90.0, back_prob=0.2, focal=(2.0, 2.2),
+        background="photo", bg_texture=0.35, distractors=3, occluder_prob=0.05),
+    "freihand-a": Domain(
+        "freihand-a", azimuth=70.0, elevation=50.0, roll=90.0, back_prob=0.2, focal=(2.0, 2.2),
+        skin_random_hue=True, background="photo", bg_texture=0.35, distractors=3,
+        occluder_prob=0.05),
+}
+
+
+def domain_code(name: str) -> int:
+    return zlib.crc32(name.encode())
+
+
+# ---------------------------------------------------------------------------------------------
+# Hand surface as spheres (hand frame, mm)
+# ---------------------------------------------------------------------------------------------
+
+def _bone_subdivisions() -> list[tuple[int, int, int]]:
+    """(parent, child, n) for every rendered bone: n spheres between its end joints, spaced at
+    most 0.6 of the finger radius at 1.15x the mean hand size so the row reads as a capsule."""
+    mean = hand.mean_shape(1)
+    radii = hand.joint_radii(mean)[0]
+    rows = []
+    for child in range(1, hand.NUM_JOINTS):
+        parent = int(hand.PARENTS[child])
+        if parent == 0 and child != 1:
+            continue  # wrist -> finger MCP lies inside the palm slab
+        length = float(np.linalg.norm(_MEAN_JOINTS[child] - _MEAN_JOINTS[parent]))
+        spacing = 0.6 * min(radii[child], radii[parent])
+        rows.append((parent, child, max(1, math.ceil(1.15 * length / spacing) - 1)))
+    return rows
+
+
+_MEAN_JOINTS = hand.forward_kinematics(
+    hand.HandPose(np.zeros((1, 4, 4)), np.zeros((1, 4))), hand.mean_shape(1))[0]
+BONES = _bone_subdivisions()
+PALM_GRID = (4, 5)  # across x along
+
+
+def hand_spheres(joints: np.ndarray, radii: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Centres (N, P, 3), radii (N, P) and owning joint (P,) of the sphere set of each hand.
+
+    Joint spheres come first (P[:21]), then the bone rows, then the palm bed."""
+    centres, rads, owner = [joints], [radii], list(range(hand.NUM_JOINTS))
+    for parent, child, n in BONES:
+        t = (np.arange(1, n + 1) / (n + 1))[None, :, None]  # (1, n, 1)
+        centres.append(joints[:, parent, None] * (1 - t) + joints[:, child, None] * t)
+        rads.append(radii[:, parent, None] * (1 - t[..., 0]) + radii[:, child, None] * t[..., 0])
+        owner += [child] * n
+    # palm: bilinear bed between a wrist line and the knuckle line (index MCP .. little MCP)
+    wrist, index_mcp, little_mcp = joints[:, 0], joints[:, 5], joints[:, 17]
+    across = index_mcp - little_mcp
+    gu, gv = PALM_GRID
+    u = np.linspace(0.0, 1.0, gu)[None, :, None, None]
+    v = np.linspace(0.0, 0.85, gv)[None, None, :, None]
+    near = wrist[:, None, None] + (u - 0.5) * 0.7 * across[:, None, None]  # wrist line
+    far = little_mcp[:, None, None] + u * across[:, None, None]
+    palm = (near * (1 - v) + far * v).reshape(-1, gu * gv, 3)
+    thick = hand.PALM_HALF_THICKNESS_MM * radii[:, 9:10] / hand.JOINT_RADII_MM["middle"][0]
+    centres.append(palm)
+    rads.append(np.broadcast_to(thick, palm.shape[:2]))
+    owner += [0] * (gu * gv)
+    return np.concatenate(centres, 1), np.concatenate(rads, 1), np.array(owner)
+
+
+NUM_FINE = hand.NUM_JOINTS + sum(n for _, _, n in BONES)  # joint + bone spheres (small)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling a block of scenes
+# ---------------------------------------------------------------------------------------------
+
+def _rotation(rng: np.random.Generator, dom: Domain, n: int) -> np.ndarray:
+    """Hand-to-camera rotations (n, 3, 3). Camera: x right, y down, z forward. The base pose
+    puts the fingers up (-y) and the palm towards the camera (-z)."""
+    base = np.array([[1.0, 0.0, 0.0], [0.0, -1.0, 0.0], [0.0, 0.0, -1.0]])
+    d = np.deg2rad
+    az = rng.uniform(-dom.azimuth, dom.azimuth, n) + 180.0 * (rng.uniform(size=n) < dom.back_prob)
+    el = rng.uniform(-dom.elevation, dom.elevation, n)
+    roll = rng.uniform(-dom.roll, dom.roll, n)
+    return hand.rot_z(d(roll)) @ hand.rot_x(d(el)) @ hand.rot_y(d(az)) @ base
+
+
+@dataclass
+class Scene:
+    """Geometry and appearance parameters for a block of samples (numpy, float64, mm)."""
+
+    joints: np.ndarray  # (N, 21, 3) camera frame
+    joint_radii: np.ndarray  # (N, 21)
+    spheres: np.ndarray  # (N, P, 3)
+    sphere_radii: np.ndarray  # (N, P)
+    K: np.ndarray  # (N, 3, 3)
+    skin: np.ndarray  # (N, 3)
+    light_dir: np.ndarray  # (N, 3) towards the light, camera frame
+    light_rgb: np.ndarray  # (N, 3)
+    ambient: np.ndarray  # (N,)
+    diffuse: np.ndarray  # (N,)
+    bg_depth: np.ndarray  # (N, 3): plane z = a + b*(u-c) + c*(v-c)
+    distractors: np.ndarray  # (N, D, 8): kind, u, v, radius_px, half_h, z, occluder, skin_like
+    distractor_rgb: np.ndarray  # (N, D, 3)
+
+
+def sample_scene(rng: np.random.Generator, dom: Domain, n: int, size: int) -> Scene:
+    shape = hand.sample_shape(rng, n, dom.size_mean, dom.size_std)
+    pose = hand.sample_pose(rng, n, dom.pose_spread)
+    local = hand.forward_kinematics(pose, shape)
+    radii = hand.joint_radii(shape)
+    centres, rads, _ = hand_spheres(local, radii)
+
+    rot = _rotation(rng, dom, n)
+    local_all = np.concatenate([local, centres], 1) @ np.swapaxes(rot, 1, 2)  # (N, 21+P, 3)
+    lo = (local_all - rads.max(1)[:, None, None]).min(1)
+    hi = (local_all + rads.max(1)[:, None, None]).max(1)
+    centre, half = (lo + hi) / 2, (hi - lo)[:, :2].max(1) / 2
+
+    f = size * rng.uniform(*dom.focal, n)
+    z = f * half / (rng.uniform(*dom.fill, n) * size / 2)  # distance making the hand span `fill`
+    z = np.maximum(z, (hi - lo)[:, 2] + 100.0)
+    offset = rng.uniform(-dom.shift, dom.shift, (n, 2)) * size * z[:, None] / f[:, None]
+    trans = np.stack([offset[:, 0], offset[:, 1], z], 1) - centre
+    cam = local_all + trans[:, None]
+    joints, spheres = cam[:, : hand.NUM_JOINTS], cam[:, hand.NUM_JOINTS:]
+
+    K = np.zeros((n, 3, 3))
+    K[:, 0, 0] = K[:, 1, 1] = f
+    K[:, 0, 2] = K[:, 1, 2] = size / 2
+    K[:, 2, 2] = 1.0
+
+    if dom.skin_random_hue:
+        skin = rng.uniform(0.15, 0.95, (n, 3))
+    else:
+        tones = np.array(dom.skin_tones)
+        skin = tones[rng.integers(0, len(tones), n)] + rng.normal(0, dom.skin_jitter, (n, 3))
+    light = np.concatenate([rng.uniform(-1.0, 1.0, (n, 2)), -rng.uniform(0.4, 1.2, (n, 1))], 1)
+    light /= np.linalg.norm(light, axis=1, keepdims=True)
+    light_rgb = 1.0 + rng.uniform(-dom.light_tint, dom.light_tint, (n, 3))
+
+    root_z = joints[:, 0, 2]
+    bg = np.stack([root_z + rng.uniform(150.0, 600.0, n),
+                   rng.uniform(-1.0, 1.0, n) * 200.0 / size,
+                   rng.uniform(-1.0, 1.0, n) * 200.0 / size], 1)
+
+    d = max(dom.distractors, 1)
+    active = np.arange(d)[None] < rng.integers(0, dom.distractors + 1, (n, 1))
+    occluder = rng.uniform(size=(n, d)) < dom.occluder_prob
+    dz = np.where(occluder, -rng.uniform(30.0, 120.0, (n, d)), rng.uniform(60.0, 400.0, (n, d)))
+    skin_like = rng.uniform(size=(n, d)) < dom.skin_like_distractors
+    distractors = np.stack([
+        rng.integers(0, 2, (n, d)).astype(float),  # 0 ball, 1 flat card
+        rng.uniform(-0.1, 1.1, (n, d)) * size,
+        rng.uniform(-0.1, 1.1, (n, d)) * size,
+        np.where(occluder, rng.uniform(0.05, 0.12, (n, d)),
+                 rng.uniform(0.08, 0.35, (n, d))) * size * active,
+        rng.uniform(0.3, 1.0, (n, d)),  # card aspect
+        root_z[:, None] + dz,
+        occluder.astype(float),
+        skin_like.astype(float),
+    ], -1)
+    distractor_rgb = np.where(skin_like[..., None],
+                              skin[:, None] + rng.normal(0, 0.05, (n, d, 3)),
+                              rng.uniform(0.05, 0.95, (n, d, 3)))
+    return Scene(
+        joints=joints, joint_radii=radii, spheres=spheres, sphere_radii=rads, K=K,
+        skin=np.clip(skin, 0.02, 1.0), light_dir=light, light_rgb=light_rgb,
+        ambient=rng.uniform(*dom.ambient, n), diffuse=rng.uniform(*dom.diffuse, n),
+        bg_depth=bg, distractors=distractors, distractor_rgb=np.clip(distractor_rgb, 0, 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering (torch, float32)
+# ---------------------------------------------------------------------------------------------
+
+def _pack(depth: torch.Tensor, ids: torch.Tensor | int) -> torch.Tensor:
+    return torch.round(depth * DEPTH_KEY_SCALE).long() * (1 << ID_BITS) + ids
+
+
+def _splat(keys: torch.Tensor, xyz: torch.Tensor, rad: torch.Tensor, f: torch.Tensor,
+           first_id: int, size: int) -> None:
+    """Scatter-min the fragments of spheres (B, P) into ``keys`` (B*H*W,) in place.
+
+    A sphere at camera point (X, Y, Z) with radius r covers a disc of radius rho = f r / Z px
+    around its projection; at offset q (in units of rho) its near surface lies at
+    Z - r sqrt(1 - q^2). Spheres are bucketed by ceil(rho), each bucket splatting a box of
+    (2R+1)^2 pixels, so a few large spheres do not inflate the work of the many small ones."""
+    b, p = rad.shape
+    z = xyz[..., 2]
+    u = (f[:, None] * xyz[..., 0] / z + size / 2).reshape(-1)
+    v = (f[:, None] * xyz[..., 1] / z + size / 2).reshape(-1)
+    rho = (f[:, None] * rad / z).reshape(-1)
+    z, rad = z.reshape(-1), rad.reshape(-1)
+    sample = torch.arange(b).repeat_interleave(p)
+    ids = first_id + torch.arange(p).repeat(b)
+    reach = torch.ceil(rho).to(torch.int32)
+    for r in torch.unique(reach[rad > 0]).tolist():
+        sel = torch.nonzero((reach == r) & (rad > 0)).squeeze(1)
+        offs = torch.arange(-r, r + 1, dtype=torch.float32)
+        us, vs, rhos = u[sel, None], v[sel, None], rho[sel, None]
+        px = torch.floor(us) + offs.repeat(2 * r + 1)  # (n, K)
+        py = torch.floor(vs) + offs.repeat_interleave(2 * r + 1)
+        du = (px + 0.5 - us) / rhos
+        dv = (py + 0.5 - vs) / rhos
+        q2 = du * du + dv * dv
+        ok = torch.nonzero((q2 < 1.0) & (px >= 0) & (px < size) & (py >= 0) & (py < size),
+                           as_tuple=True)
+        row = ok[0]
+        depth = z[sel][row] - rad[sel][row] * torch.sqrt(1.0 - q2[ok])
+        pix = (sample[sel][row] * size + py[ok].long()) * size + px[ok].long()
+        keys.scatter_reduce_(0, pix, _pack(depth, ids[sel][row]), reduce="amin")
+
+
+def _noise_field(gen: torch.Generator, b: int, ch: int, cells: int, size: int) -> torch.Tensor:
+    """Smooth random field (B, ch, size, size) with about ``cells`` blobs across."""
+    grid = torch.randn(b, ch, cells + 1, cells + 1, generator=gen)
+    return F.interpolate(grid, size=(size, size), mode="bicubic", align_corners=True)
+
+
+def _background(gen: torch.Generator, dom: Domain, b: int, size: int) -> torch.Tensor:
+    """Albedo of the background (B, 3, S, S) in [0, 1]."""
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    if dom.background == "green":
+        base = torch.tensor([0.12, 0.62, 0.22]).view(1, 3, 1, 1)
+        tint = 0.04 * torch.randn(b, 3, 1, 1, generator=gen)
+        return (base + tint + dom.bg_texture * _noise_field(gen, b, 1, 2, size)).clamp(0, 1)
+    if dom.background == "indoor":  # walls and a desk: smooth neutral gradients, large panels
+        grey = 0.35 + 0.35 * torch.rand(b, 1, 1, 1, generator=gen)
+        warm = torch.tensor([0.05, 0.02, -0.03]).view(1, 3, 1, 1)
+        slope = 0.15 * torch.randn(b, 2, 1, 1, generator=gen)
+        img = grey + warm + slope[:, :1] * xs + slope[:, 1:] * ys
+        edge = torch.rand(b, 1, 1, 1, generator=gen) * 1.6 - 0.8
+        panel = 0.15 * torch.randn(b, 3, 1, 1, generator=gen)
+        img = img + panel * (ys > edge).float()
+        return (img + dom.bg_texture * _noise_field(gen, b, 3, 3, size)).clamp(0, 1)
+    # clutter / photo: colourful smooth fields plus oriented stripes of random frequency
+    colours = torch.rand(b, 3, 1, 1, generator=gen)
+    img = colours + 0.5 * dom.bg_texture * _noise_field(gen, b, 3, 4, size)
+    img = img + 0.3 * dom.bg_texture * _noise_field(gen, b, 3, 12, size)
+    theta = torch.rand(b, 1, 1, 1, generator=gen) * math.pi
+    freq = 2 + 10 * torch.rand(b, 1, 1, 1, generator=gen)
+    phase = torch.rand(b, 1, 1, 1, generator=gen) * 2 * math.pi
+    stripes = torch.sin(freq * math.pi * (xs * torch.cos(theta) + ys * torch.sin(theta)) + phase)
+    amp = dom.bg_texture * torch.rand(b, 3, 1, 1, generator=gen)
+    if dom.background == "photo":
+        amp = amp * (torch.rand(b, 1, 1, 1, generator=gen) < 0.5).float()
+    return (img + amp * stripes).clamp(0, 1)
+
+
+def render(scene: Scene, dom: Domain, size: int, gen: torch.Generator) -> dict[str, np.ndarray]:
+    """Render a block of scenes. Returns uint8 rgb (B,S,S,3), float32 depth mm (B,S,S),
+    uint8 mask (B,S,S), float32 joints3d (B,21,3) mm, joints2d (B,21,2) px, bool vis (B,21),
+    float32 K (B,3,3)."""
+    t = lambda a: torch.as_tensor(a, dtype=torch.float32)  # noqa: E731
+    b, s = scene.joints.shape[0], size
+    f = t(scene.K[:, 0, 0])
+    ys, xs = torch.meshgrid(torch.arange(s) + 0.5 - s / 2, torch.arange(s) + 0.5 - s / 2,
+                            indexing="ij")
+
+    # background plane (id 0) and distractors (ids 1..D), tested densely
+    bgp = t(scene.bg_depth)
+    bg_depth = bgp[:, 0, None, None] + bgp[:, 1, None, None] * xs + bgp[:, 2, None, None] * ys
+    keys = _pack(bg_depth, 0)  # (B, S, S)
+    dis = t(scene.distractors)
+    n_dis = dis.shape[1]
+    dpx = xs + s / 2 - dis[..., 1, None, None]  # (B, D, S, S)
+    dpy = ys + s / 2 - dis[..., 2, None, None]
+    rad_px = dis[..., 3, None, None]
+    card = dis[..., 0, None, None] > 0.5
+    inside_ball = dpx**2 + dpy**2 < rad_px**2
+    inside_card = (dpx.abs() < rad_px) & (dpy.abs() < rad_px * dis[..., 4, None, None])
+    inside = torch.where(card, inside_card, inside_ball) & (rad_px > 0)
+    q2 = (dpx**2 + dpy**2) / rad_px.clamp(min=1e-6) ** 2
+    ball_r_mm = rad_px * dis[..., 5, None, None] / f.view(b, 1, 1, 1)
+    ball_depth = dis[..., 5, None, None] - ball_r_mm * torch.sqrt((1 - q2).clamp(min=0))
+    dis_depth = torch.where(card, dis[..., 5, None, None].expand_as(q2), ball_depth)
+    dis_depth = torch.where(inside, dis_depth, torch.inf)
+    near, near_id = dis_depth.min(1)  # (B, S, S): the nearest distractor at each pixel
+    keys = torch.where(near < bg_depth, _pack(near.clamp(max=bg_depth), near_id + 1), keys)
+    keys = keys.reshape(-1)
+
+    # the hand: small joint/bone spheres and large palm spheres in two splat groups
+    spheres, rads = t(scene.spheres), t(scene.sphere_radii)
+    first = 1 + n_dis
+    _splat(keys, spheres[:, :NUM_FINE], rads[:, :NUM_FINE], f, first, s)
+    _splat(keys, spheres[:, NUM_FINE:], rads[:, NUM_FINE:], f, first + NUM_FINE, s)
+    keys = keys.view(b, s, s)
+    ids = keys % (1 << ID_BITS)
+    depth = (keys // (1 << ID_BITS)).float() / DEPTH_KEY_SCALE
+    is_hand = ids >= first
+    is_dis = (ids >= 1) & ~is_hand
+
+    # shading normals: spheres from the pixel's offset to the winning centre; planes face us
+    normal = torch.zeros(b, s, s, 3)
+    normal[..., 2] = -1.0
+    hid = (ids - first).clamp(min=0).view(b, -1)
+    gather = lambda a: torch.gather(a, 1, hid).view(b, s, s)  # noqa: E731
+    z_w = gather(spheres[..., 2])
+    rho = f.view(b, 1, 1) * gather(rads) / z_w
+    du = (xs - f.view(b, 1, 1) * gather(spheres[..., 0]) / z_w) / rho
+    dv = (ys - f.view(b, 1, 1) * gather(spheres[..., 1]) / z_w) / rho
+    hand_n = torch.stack([du, dv, -torch.sqrt((1 - du * du - dv * dv).clamp(min=0))], -1)
+    normal = torch.where(is_hand[..., None], hand_n, normal)
+    did = (ids - 1).clamp(0, n_dis - 1)
+    dis_idx = did[:, None].expand(b, 1, s, s)
+    dball = torch.gather(card.expand(b, n_dis, s, s), 1, dis_idx)[:, 0] == 0
+    ddu = torch.gather(dpx, 1, dis_idx)[:, 0] / torch.gather(rad_px.expand_as(dpx), 1, dis_idx)[:, 0]
+    ddv = torch.gather(dpy, 1, dis_idx)[:, 0] / torch.gather(rad_px.expand_as(dpy), 1, dis_idx)[:, 0]
+    ball_n = torch.stack([ddu, ddv, -torch.sqrt((1 - ddu * ddu - ddv * ddv).clamp(min=0))], -1)
+    normal = torch.where((is_dis & dball)[..., None], ball_n, normal)
+
+    # albedo: textured background, coloured distractors, textured skin (optionally harmonised)
+    bg = _background(gen, dom, b, s).permute(0, 2, 3, 1)  # (B, S, S, 3)
+    skin = t(scene.skin)
+    if dom.harmonize > 0:
+        skin = (1 - dom.harmonize) * skin + dom.harmonize * bg.mean((1, 2))
+    skin_tex = 1 + dom.skin_texture * _noise_field(gen, b, 1, 6, s).permute(0, 2, 3, 1)
+    albedo = torch.where(is_hand[..., None], skin.view(b, 1, 1, 3) * skin_tex, bg)
+    dis_rgb = torch.gather(t(scene.distractor_rgb), 1, did.view(b, -1, 1).expand(b, s * s, 3))
+    dis_tex = 1 + 0.5 * dom.bg_texture * (bg - bg.mean((1, 2), keepdim=True))
+    albedo = torch.where(is_dis[..., None], dis_rgb.view(b, s, s, 3) * dis_tex, albedo)
+
+    light = t(scene.light_dir)
+    lambert = (normal * light.view(b, 1, 1, 3)).sum(-1).clamp(min=0)
+    shade = t(scene.ambient).view(b, 1, 1) + t(scene.diffuse).view(b, 1, 1) * lambert
+    rgb = albedo * shade[..., None] * t(scene.light_rgb).view(b, 1, 1, 3)
+    rgb = rgb + dom.rgb_noise * torch.randn(b, s, s, 3, generator=gen)
+    rgb = (rgb.clamp(0, 1) * 255 + 0.5).to(torch.uint8)
+
+    # 2D joints and visibility: a joint is visible when the hand surface seen at its pixel lies
+    # within VIS_TOLERANCE of its radius in front of it (the neighbouring spheres of a bone that
+    # points at the camera sit slightly nearer than the joint's own sphere), and not behind it
+    joints = t(scene.joints)
+    uv = f.view(b, 1, 1) * joints[..., :2] / joints[..., 2:] + s / 2
+    pix = torch.floor(uv).long()
+    inside_img = ((pix >= 0) & (pix < s)).all(-1)
+    pc = pix.clamp(0, s - 1)
+    flat = pc[..., 1] * s + pc[..., 0]
+    gap = torch.gather(depth.view(b, -1), 1, flat) - joints[..., 2]
+    hand_at = torch.gather(is_hand.view(b, -1), 1, flat)
+    radius = t(scene.joint_radii)
+    vis = inside_img & hand_at & (gap >= -VIS_TOLERANCE * radius) & (gap <= 0)
+
+    depth = depth + dom.depth_noise_mm * torch.randn(b, s, s, generator=gen)
+
+    return {
+        "rgb": rgb.numpy(),
+        "depth": depth.numpy(),
+        "mask": is_hand.to(torch.uint8).numpy(),
+        "joints3d": joints.numpy(),
+        "joints2d": uv.numpy(),
+        "vis": vis.numpy(),
+        "K": t(scene.K).numpy(),
+    }
+
+
+def _block_rngs(domain: str, seed: int, block: int) -> tuple[np.random.Generator, torch.Generator]:
+    ss = np.random.SeedSequence([seed, domain_code(domain), block, GENERATOR_VERSION])
+    gen = torch.Generator().manual_seed(int(ss.generate_state(1, np.uint64)[0] >> 1))
+    return np.random.default_rng(ss), gen
+
+
+def render_range(domain: str, seed: int, size: int, start: int, stop: int) -> dict[str, np.ndarray]:
+    """Samples [start, stop) of the stream (domain, seed, size), rendered block by block."""
+    if domain not in DOMAINS:
+        raise KeyError(f"unknown domain {domain!r}; choose one of {', '.join(DOMAINS)}")
+    dom = DOMAINS[domain]
+    parts = []
+    for block in range(start // BLOCK, (stop - 1) // BLOCK + 1):
+        rng, gen = _block_rngs(domain, seed, block)
+        out = render(sample_scene(rng, dom, BLOCK, size), dom, size, gen)
+        lo, hi = max(start - block * BLOCK, 0), min(stop - block * BLOCK, BLOCK)
+        parts.append({k: v[lo:hi] for k, v in out.items()})
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

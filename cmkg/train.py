@@ -1,0 +1,188 @@
+"""Plain-PyTorch training: one ``fit()`` loop for every stage, evaluation, stage objectives.
+
+Nothing here imports Ray. The Ray layer calls the same functions inside its workers; ``fit``
+takes a ``report`` callback (a local checkpoint writer here, ``ray.train.report`` there).
+
+Stage objectives (Sect. 3, 5.1), each a function ``batch -> dict`` of named loss parts whose
+``loss`` entry is optimised; the same dict goes to the logs, the history and the tests:
+- teacher: depth -> joints, L_REG (Eq. 1)
+- student: RGB -> joints, L_REG
+- kd:      RGB student warm-started from ``student``, L_REG + L_ACT + lambda * L_ATT
+           (Eqs. 1-4) against the frozen depth teacher on the paired depth map
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from cmkg.errors import NumericalError
+from cmkg.losses import distillation_loss, regression_loss
+from cmkg.metrics import denormalise, pose_metrics
+
+LossFn = Callable[[dict[str, Tensor]], dict[str, Tensor]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Objectives
+# ---------------------------------------------------------------------------------------------
+
+def regression_objective(model: nn.Module, modality: str) -> LossFn:
+    """L_REG of the model on one modality (teacher: depth, student: rgb)."""
+
+    def loss_fn(batch):
+        pred, _ = model(batch[modality])
+        reg = regression_loss(pred, batch["target"])
+        return {"loss": reg, "reg": reg}
+
+    return loss_fn
+
+
+def distillation_objective(student: nn.Module, adapter: nn.Module, teacher: nn.Module, *,
+                           losses: list[str], lambda_att: float, att_layers: list[int]) -> LossFn:
+    """L_REG + L_DIST: the student sees RGB, the frozen teacher the paired depth map.
+
+    The teacher stays in eval mode, outside the optimizer, under ``no_grad``; ``adapter`` maps
+    the student's last activation to the teacher's width when they differ (ResNet-18 vs 50)."""
+    picks = [i - 1 for i in att_layers]
+
+    def loss_fn(batch):
+        pred, acts = student(batch["rgb"])
+        with torch.no_grad():
+            _, t_acts = teacher(batch["depth"])
+        reg = regression_loss(pred, batch["target"])
+        parts = distillation_loss(
+            adapter(acts[-1]), t_acts[-1], [acts[i] for i in picks], [t_acts[i] for i in picks],
+            lambda_att=lambda_att, use_act="act" in losses, use_att="att" in losses)
+        return {"loss": reg + parts["dist"], "reg": reg, **parts}
+
+    return loss_fn
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def predict(model: nn.Module, loader, modality: str, device: torch.device) -> dict[str, np.ndarray]:
+    """Root-relative predictions in mm (via the GT scale) with their ground truth and vis."""
+    was_training = model.training
+    model.eval()
+    preds, gts, vis = [], [], []
+    for batch in loader:
+        pred, _ = model(batch[modality].to(device, non_blocking=True))
+        preds.append(denormalise(pred.float().cpu().numpy(), batch["scale"].numpy()))
+        gts.append(batch["joints"].numpy())
+        vis.append(batch["vis"].numpy())
+    model.train(was_training)
+    return {"pred": np.concatenate(preds), "gt": np.concatenate(gts), "vis": np.concatenate(vis)}
+
+
+def evaluate(model: nn.Module, loader, modality: str, device: torch.device) -> dict:
+    p = predict(model, loader, modality, device)
+    return pose_metrics(p["pred"], p["gt"], p["vis"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class FitState:
+    """Everything a resumed run needs besides model and optimizer."""
+
+    epoch: int = 0  # epochs completed
+    history: list[dict] = field(default_factory=list)
+    best_epe: float = math.inf
+    best_epoch: int = 0
+    best_state: dict | None = None  # state_dict of the best model so far, on the CPU
+
+
+def _check_finite(sums: dict[str, Tensor], steps: int, stage: str, epoch: int) -> dict[str, float]:
+    means = {k: float(v) / steps for k, v in sums.items()}
+    bad = {k: v for k, v in means.items() if not math.isfinite(v)}
+    if bad:
+        terms = ", ".join(f"{k}={v}" for k, v in bad.items())
+        raise NumericalError(f"stage {stage}: non-finite loss at epoch {epoch}, step {steps} "
+                             f"({terms}); lower the learning rate or check the inputs")
+    return means
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)  # DDP keeps the real module here
+
+
+def fit(model: nn.Module, loss_fn: LossFn, loader, optimizer: torch.optim.Optimizer, epochs: int,
+        *, device: torch.device, validate: Callable[[], dict] | None = None, eval_every: int = 1,
+        state: FitState | None = None, report: Callable[[FitState], None] | None = None,
+        stage: str = "fit", progress: str = "auto", check_every: int = 50) -> FitState:
+    """Train ``model`` on ``loss_fn`` for ``epochs`` epochs, validating and keeping the best.
+
+    ``validate()`` returns metrics with ``epe_mm``; the best-EPE weights are kept in
+    ``state.best_state``. ``report(state)`` runs after every epoch (checkpointing). Losses are
+    summed on the device and read back every ``check_every`` steps, where a non-finite value
+    stops the run with :class:`NumericalError`.
+    """
+    state = state or FitState()
+    bar_on = progress == "auto" and sys.stderr.isatty()
+    for epoch in range(state.epoch + 1, epochs + 1):
+        # -- train one epoch ------------------------------------------------------------------
+        model.train()
+        sampler = getattr(loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)  # distributed samplers reshuffle per epoch
+        start = time.perf_counter()
+        sums: dict[str, Tensor] = {}
+        steps = 0
+        bar = tqdm(total=len(loader), desc=f"{stage} {epoch}/{epochs}", leave=False,
+                   disable=not bar_on, file=sys.stderr, dynamic_ncols=True)
+        for batch in loader:
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            parts = loss_fn(batch)
+            optimizer.zero_grad(set_to_none=True)
+            parts["loss"].backward()
+            optimizer.step()
+            for k, v in parts.items():
+                sums[k] = sums[k] + v.detach() if k in sums else v.detach()
+            steps += 1
+            if steps % check_every == 0:
+                running = _check_finite(sums, steps, stage, epoch)
+                bar.set_postfix(loss=f"{running['loss']:.4g}", refresh=False)
+            bar.update()
+        bar.close()
+        train = _check_finite(sums, max(steps, 1), stage, epoch)
+        record = {"epoch": epoch, "train": train, "train_time_s": time.perf_counter() - start}
+
+        # -- validate, keep the best ----------------------------------------------------------
+        if validate is not None and (epoch % eval_every == 0 or epoch == epochs):
+            val = validate()
+            record["val"] = {k: val[k] for k in ("epe_mm", "auc_20_50")}
+            if val["epe_mm"] < state.best_epe:
+                state.best_epe, state.best_epoch = val["epe_mm"], epoch
+                state.best_state = {k: v.detach().to("cpu", copy=True)
+                                    for k, v in _unwrap(model).state_dict().items()}
+        state.history.append(record)
+        state.epoch = epoch
+
+        # -- report ---------------------------------------------------------------------------
+        if progress != "none":
+            parts_txt = " ".join(f"{k} {v:.4g}" for k, v in train.items() if k != "loss")
+            val_txt = (f"  val EPE {record['val']['epe_mm']:.2f} mm AUC {record['val']['auc_20_50']:.3f}"
+                       if "val" in record else "")
+            print(f"{stage:8s} epoch {epoch:3d}/{epochs}  loss {train['loss']:.4g} ({parts_txt})"
+                  f"{val_txt}  {record['train_time_s']:.1f}s", file=sys.stderr, flush=True)
+        if report is not None:
+            report(state)
+    if state.best_state is None:  # no validation: the last weights are the result
+        state.best_state = copy.deepcopy({k: v.cpu() for k, v in _unwrap(model).state_dict().items()})
+        state.best_epoch = state.epoch
+    return state
