@@ -1,3 +1,5 @@
-from cmkg.cli import main
 import sys
+
+from cmkg.cli import main
+
 sys.exit(main())

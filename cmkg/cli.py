@@ -20,9 +20,10 @@ from cmkg.errors import UserError
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse's own exit status is 2 as well; keep its usage line
+    def error(self, message):
         self.print_usage(sys.stderr)
-        raise SystemExit(f"{self.prog}: error: {message}") from None
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:

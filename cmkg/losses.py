@@ -15,7 +15,6 @@ Shapes: joints (B, 21, 3) root-relative and scale-normalised; activations Q_j (B
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

@@ -1,0 +1,126 @@
+import json
+
+import pytest
+import torch
+
+from cmkg import models, stages
+from cmkg.data import HandDataset, identity_collate
+from cmkg.errors import NumericalError
+from cmkg.train import distillation_objective, fit, regression_objective
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    from cmkg.data import synthesize
+
+    out = tmp_path_factory.mktemp("d") / "src"
+    synthesize(out, "rhd-like", 200, 32, seed=0, progress=False)
+    return out
+
+
+def _loader(root, modalities, batch=16):
+    ds = HandDataset(root, "train", modalities)
+    return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, drop_last=True,
+                                       collate_fn=identity_collate,
+                                       generator=torch.Generator().manual_seed(0))
+
+
+def test_smoke_training_decreases_the_training_loss(tiny_data):
+    torch.manual_seed(0)
+    model = models.build("resnet10", "depth")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    state = fit(model, regression_objective(model, "depth"), _loader(tiny_data, ("depth",)), opt,
+                4, device=torch.device("cpu"), progress="none")
+    losses = [h["train"]["loss"] for h in state.history]
+    assert len(losses) == 4 and losses[-1] < 0.6 * losses[0]
+    assert state.best_state is not None
+
+
+def test_kd_objective_sums_its_named_parts(tiny_data):
+    torch.manual_seed(0)
+    student, teacher = models.build("resnet10", "rgb"), models.build("resnet10", "depth").eval()
+    adapter = models.activation_adapter(student, teacher)
+    assert isinstance(adapter, torch.nn.Identity)
+    loss_fn = distillation_objective(student, adapter, teacher, losses=["act", "att"],
+                                     lambda_att=1e3, att_layers=[1, 2, 3, 4])
+    batch = HandDataset(tiny_data, "train", ("rgb", "depth")).__getitems__(list(range(8)))
+    parts = loss_fn(batch)
+    assert set(parts) == {"loss", "reg", "act", "att", "dist"}
+    torch.testing.assert_close(parts["loss"], parts["reg"] + parts["act"] + 1e3 * parts["att"])
+    parts["loss"].backward()
+    assert all(p.grad is None for p in teacher.parameters())  # the teacher is frozen
+    wide = models.activation_adapter(student, models.build("resnet50", "depth"))
+    assert isinstance(wide, torch.nn.Conv2d) and wide.out_channels == 2048
+
+
+def test_non_finite_loss_stops_with_stage_and_term(tiny_data):
+    model = models.build("resnet10", "rgb")
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+
+    def nan_loss(batch):
+        pred, _ = model(batch["rgb"])
+        reg = pred.sum() * float("nan")
+        return {"loss": reg, "reg": reg}
+
+    with pytest.raises(NumericalError, match=r"stage student: non-finite loss at epoch 1.*reg=nan"):
+        fit(model, nan_loss, _loader(tiny_data, ("rgb",)), opt, 1, device=torch.device("cpu"),
+            stage="student", progress="none", check_every=2)
+
+
+def test_stage_pipeline_caches_and_records_provenance(tiny_cfg, capsys):
+    kd = stages.run_stage("kd", tiny_cfg)
+    meta, metrics = kd.meta, kd.metrics
+    assert meta["stage"] == "kd" and set(meta["inputs"]) == {"teacher", "student"}
+    assert meta["data"]["eval"] and meta["code_version"]
+    assert (kd.path / "config.yaml").is_file() and (kd.path / "model.pt").is_file()
+    assert metrics["test"]["epe_mm"] > 0 and len(metrics["history"]) == tiny_cfg.epochs.kd
+    teacher = stages.Store(tiny_cfg.run.store).get("teacher", meta["inputs"]["teacher"]["key"])
+    assert teacher is not None and teacher.meta["spec"]["modality"] == "depth"
+    capsys.readouterr()
+    again = stages.run_stage("kd", tiny_cfg)
+    assert again.path == kd.path and "kd: cached" in capsys.readouterr().err
+    # a change downstream (lambda) keeps the upstream teacher and student, retrains kd only
+    import dataclasses
+
+    other = dataclasses.replace(
+        tiny_cfg, distill=dataclasses.replace(tiny_cfg.distill, lambda_att=10.0))
+    k2, spec2, _ = stages.stage_key("kd", other)
+    assert k2 != kd.key and spec2["inputs"] == {d: v["key"] for d, v in meta["inputs"].items()}
+    assert stages.stage_key("teacher", other)[0] == meta["inputs"]["teacher"]["key"]
+    # the reloaded student predicts like the artifact says
+    net = kd.load_model()
+    assert net.arch == "resnet10" and net.in_channels == 3
+
+
+def test_interrupted_stage_resumes_from_its_checkpoint(tiny_cfg, monkeypatch):
+    import cmkg.stages as st
+
+    real_fit = st.fit
+    seen = {}
+
+    def fit_then_die(*args, **kw):
+        report = kw["report"]
+
+        def report_and_die(state):
+            report(state)
+            raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
+
+        return real_fit(*args, **{**kw, "report": report_and_die})
+
+    monkeypatch.setattr(st, "fit", fit_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        stages.run_stage("teacher", tiny_cfg)
+    key = stages.stage_key("teacher", tiny_cfg)[0]
+    final = stages.Store(tiny_cfg.run.store).final("teacher", key)
+    assert not final.exists() and (final.parent / (final.name + ".partial") / "checkpoint.pt").exists()
+
+    def fit_spy(*args, **kw):
+        seen["start_epoch"] = kw["state"].epoch
+        return real_fit(*args, **kw)
+
+    monkeypatch.setattr(st, "fit", fit_spy)
+    art = stages.run_stage("teacher", tiny_cfg)
+    assert seen["start_epoch"] == 1
+    history = json.loads((art.path / "metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert not (final.parent / (final.name + ".partial")).exists()
