@@ -189,11 +189,12 @@ def run_stage(stage: str, cfg: Config, store: Store | None = None) -> Artifact:
     return _train(stage, cfg, key, spec, upstream, store)
 
 
-def _loader(ds, batch_size: int, shuffle: bool, cfg: Config, gen: torch.Generator | None = None):
+def _loader(ds, batch_size: int, shuffle: bool, cfg: Config, device: torch.device,
+            gen: torch.Generator | None = None):
     return torch.utils.data.DataLoader(
         ds, batch_size=batch_size, shuffle=shuffle, drop_last=shuffle, generator=gen,
         collate_fn=identity_collate, num_workers=cfg.run.loader_workers,
-        persistent_workers=cfg.run.loader_workers > 0)
+        persistent_workers=cfg.run.loader_workers > 0, pin_memory=device.type == "cuda")
 
 
 def _train(stage: str, cfg: Config, key: str, spec: dict, upstream: dict[str, Artifact],
@@ -213,9 +214,9 @@ def _train(stage: str, cfg: Config, key: str, spec: dict, upstream: dict[str, Ar
         raise DataError(f"{source}: {len(train_set)} training samples, fewer than one batch "
                         f"(optim.batch_size={cfg.optim.batch_size})")
     gen = torch.Generator().manual_seed(cfg.run.seed)
-    train_loader = _loader(train_set, cfg.optim.batch_size, True, cfg, gen)
-    val_loader = _loader(val_set, 256, False, cfg)
-    test_loader = _loader(test_set, 256, False, cfg)
+    train_loader = _loader(train_set, cfg.optim.batch_size, True, cfg, device, gen)
+    val_loader = _loader(val_set, 256, False, cfg, device)
+    test_loader = _loader(test_set, 256, False, cfg, device)
 
     # -- models and objective --------------------------------------------------------------------
     torch.manual_seed(cfg.run.seed)

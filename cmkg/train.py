@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from cmkg.data.dataset import prepare_batch
 from cmkg.errors import NumericalError
 from cmkg.losses import distillation_loss, regression_loss
 from cmkg.metrics import denormalise, pose_metrics
@@ -79,7 +80,7 @@ def predict(model: nn.Module, loader, modality: str, device: torch.device) -> di
     model.eval()
     preds, gts, vis = [], [], []
     for batch in loader:
-        pred, _ = model(batch[modality].to(device, non_blocking=True))
+        pred, _ = model(prepare_batch({modality: batch[modality]}, device)[modality])
         preds.append(denormalise(pred.float().cpu().numpy(), batch["scale"].numpy()))
         gts.append(batch["joints"].numpy())
         vis.append(batch["vis"].numpy())
@@ -141,25 +142,27 @@ def fit(model: nn.Module, loss_fn: LossFn, loader, optimizer: torch.optim.Optimi
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)  # distributed samplers reshuffle per epoch
         start = time.perf_counter()
-        sums: dict[str, Tensor] = {}
+        total: Tensor | None = None  # running sums of the loss parts, on the device
+        parts: dict[str, Tensor] = {}
         steps = 0
         bar = tqdm(total=len(loader), desc=f"{stage} {epoch}/{epochs}", leave=False,
                    disable=not bar_on, file=sys.stderr, dynamic_ncols=True)
         for batch in loader:
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            parts = loss_fn(batch)
+            parts = loss_fn(prepare_batch(batch, device))
             optimizer.zero_grad(set_to_none=True)
             parts["loss"].backward()
             optimizer.step()
-            for k, v in parts.items():
-                sums[k] = sums[k] + v.detach() if k in sums else v.detach()
+            # one stacked add per step keeps the bookkeeping to two small kernels
+            stacked = torch.stack([v.detach() for v in parts.values()])
+            total = stacked if total is None else total + stacked
             steps += 1
             if steps % check_every == 0:
-                running = _check_finite(sums, steps, stage, epoch)
+                running = _check_finite(dict(zip(parts, total)), steps, stage, epoch)
                 bar.set_postfix(loss=f"{running['loss']:.4g}", refresh=False)
             bar.update()
         bar.close()
-        train = _check_finite(sums, max(steps, 1), stage, epoch)
+        train = _check_finite(dict(zip(parts, total)) if total is not None else {}, max(steps, 1),
+                              stage, epoch)
         record = {"epoch": epoch, "train": train, "train_time_s": time.perf_counter() - start}
 
         # -- validate, keep the best ----------------------------------------------------------

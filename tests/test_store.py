@@ -3,9 +3,10 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 from cmkg import synth
-from cmkg.data import HandDataset, read_split, synthesize
+from cmkg.data import HandDataset, prepare_batch, read_split, synthesize
 from cmkg.data import store as store_mod
 from cmkg.errors import DataError
 
@@ -84,15 +85,19 @@ def test_killed_generation_leaves_nothing_readable(tmp_path, monkeypatch):
 def test_dataset_batches(dataset):
     out, _ = dataset
     ds = HandDataset(out, "train", ("rgb", "depth"))
-    b = ds.__getitems__([0, 5, 7])
+    raw = ds.__getitems__([0, 5, 7])
+    assert raw["rgb"].shape == (3, 32, 32, 3) and raw["rgb"].dtype == torch.uint8
+    b = prepare_batch(raw, torch.device("cpu"))
     assert b["rgb"].shape == (3, 3, 32, 32) and b["depth"].shape == (3, 1, 32, 32)
+    expected = (raw["rgb"][1, 4, 9, 2].item() / 255 - 0.5) / 0.25  # sample 1, y 4, x 9, blue
+    assert float(b["rgb"][1, 2, 4, 9]) == pytest.approx(expected)
     assert float(b["depth"].min()) >= -1 and float(b["depth"].max()) <= 1
     # the target is root-relative and scale-normalised, joints in mm recover from it
     np.testing.assert_allclose(b["target"][:, 0].numpy(), 0, atol=1e-6)
     np.testing.assert_allclose((b["target"] * b["scale"][:, None, None]).numpy(),
                                b["joints"].numpy(), rtol=1e-4, atol=1e-3)
     single = ds[5]
-    assert single["rgb"].shape == (3, 32, 32)
+    assert single["rgb"].shape == (32, 32, 3)
     with pytest.raises(DataError, match="no manifest.json"):
         HandDataset(out.parent / "nowhere", "train")
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cmkg import models, stages
-from cmkg.data import HandDataset, identity_collate
+from cmkg.data import HandDataset, identity_collate, prepare_batch
 from cmkg.errors import NumericalError
 from cmkg.train import distillation_objective, fit, regression_objective
 
@@ -43,7 +43,8 @@ def test_kd_objective_sums_its_named_parts(tiny_data):
     assert isinstance(adapter, torch.nn.Identity)
     loss_fn = distillation_objective(student, adapter, teacher, losses=["act", "att"],
                                      lambda_att=1e3, att_layers=[1, 2, 3, 4])
-    batch = HandDataset(tiny_data, "train", ("rgb", "depth")).__getitems__(list(range(8)))
+    raw = HandDataset(tiny_data, "train", ("rgb", "depth")).__getitems__(list(range(8)))
+    batch = prepare_batch(raw, torch.device("cpu"))
     parts = loss_fn(batch)
     assert set(parts) == {"loss", "reg", "act", "att", "dist"}
     torch.testing.assert_close(parts["loss"], parts["reg"] + parts["act"] + 1e3 * parts["att"])

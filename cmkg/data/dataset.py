@@ -5,7 +5,8 @@ so the DataLoader's per-sample overhead disappears; pass ``collate_fn=identity_c
 
 A batch is a dict::
 
-    rgb     (B, 3, S, S) float32, (x / 255 - 0.5) / 0.25
+    rgb     (B, S, S, 3) uint8; ``prepare_batch`` moves it to the device and normalises it there
+            to (B, 3, S, S) float32, (x / 255 - 0.5) / 0.25 (a quarter of the traffic of floats)
     depth   (B, 1, S, S) float32, (d - z_root) / DEPTH_RANGE_MM clipped to [-1, 1]: the root
             depth is given at test time by the protocol, so the teacher may use it
     target  (B, 21, 3)   root-relative, scale-normalised joints (the regression target)
@@ -29,6 +30,14 @@ DEPTH_RANGE_MM = 150.0
 
 def identity_collate(batch):
     return batch
+
+
+def prepare_batch(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Move a batch to ``device``; uint8 RGB (B, S, S, 3) becomes normalised (B, 3, S, S) there."""
+    out = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    if "rgb" in out and out["rgb"].dtype == torch.uint8:
+        out["rgb"] = (out["rgb"].permute(0, 3, 1, 2).float() / 255.0 - 0.5) / 0.25
+    return out
 
 
 class HandDataset(torch.utils.data.Dataset):
@@ -59,8 +68,7 @@ class HandDataset(torch.utils.data.Dataset):
         idx = np.asarray(idx)
         batch = {}
         if "rgb" in self.images:
-            rgb = torch.from_numpy(self.images["rgb"][idx]).permute(0, 3, 1, 2)
-            batch["rgb"] = (rgb.float() / 255.0 - 0.5) / 0.25
+            batch["rgb"] = torch.from_numpy(self.images["rgb"][idx])
         if "depth" in self.images:
             d = torch.from_numpy(self.images["depth"][idx] - self.root_z[idx, None, None])
             batch["depth"] = (d / DEPTH_RANGE_MM).clamp_(-1.0, 1.0).unsqueeze(1)

@@ -1,0 +1,32 @@
+# One command sets up and runs the main job; one sets up and runs the tests.
+#   make demo   venv + install, then the smoke pipeline: data, teacher, student, kd, EPE table
+#   make test   venv + install, then ruff and the whole pytest suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(BIN)/.installed
+
+demo: setup
+	$(BIN)/cmkg train kd --config smoke
+
+test: setup
+	$(BIN)/ruff check cmkg tests bench
+	$(BIN)/python -m pytest -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: the suite is missing" >&2; exit 1; fi; \
+	exit $$rc
+
+bench: setup
+	$(BIN)/python bench/bench_render.py
+	$(BIN)/python bench/bench_fit.py
+
+clean:
+	rm -rf $(VENV) runs data .pytest_cache
