@@ -98,13 +98,19 @@ def _summary(cfg, stage: str) -> str:
 
     store = Store(cfg.run.store)
     rows = []
+    baseline = None
     for name in (*DEPENDS[stage], stage):
         art = store.get(name, stage_key(name, cfg)[0])
         if art is None:
             continue
-        t = art.metrics["test"]
+        metrics = art.metrics
+        t = metrics["test"]
+        baseline = metrics.get("mean_pose_test", baseline)
         rows.append((name, art.meta["spec"]["arch"], art.meta["spec"]["modality"],
                      f"{t['epe_mm']:.2f}", f"{t['auc_20_50']:.3f}", str(art.path)))
+    if baseline:
+        rows.append(("mean pose", "-", "-", f"{baseline['epe_mm']:.2f}",
+                     f"{baseline['auc_20_50']:.3f}", "(the training mean for every image)"))
     head = ("stage", "backbone", "input", "test EPE mm", "AUC 20-50", "artifact")
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [head, *rows])

@@ -32,6 +32,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from cmkg import __version__, models
@@ -39,6 +40,7 @@ from cmkg.atomic import torch_save, write_json, write_yaml
 from cmkg.config import Config, DataSpec, digest
 from cmkg.data import HandDataset, identity_collate, read_manifest, synth_source, synthesize
 from cmkg.errors import DataError, UserError
+from cmkg.metrics import denormalise, pose_metrics
 from cmkg.train import FitState, distillation_objective, evaluate, fit, regression_objective
 
 STAGE_VERSION = 1  # bump when a stage's meaning changes, to invalidate cached artifacts
@@ -269,9 +271,13 @@ def _train(stage: str, cfg: Config, key: str, spec: dict, upstream: dict[str, Ar
             if stage != "kd" or k.startswith("student.")}
     model.load_state_dict(best)
     test = evaluate(model, test_loader, modality, device)
+    # reference: predicting the training set's mean pose for every test image
+    mean_pose = np.broadcast_to(train_set.target.mean(0), test_set.target.shape)
+    baseline = pose_metrics(denormalise(mean_pose, test_set.scale), test_set.joints, test_set.vis)
     torch_save(partial / "model.pt", {"arch": arch, "modality": modality, "state_dict": best})
     write_json(partial / "metrics.json", {
         "test": test, "best_epoch": state.best_epoch, "best_val_epe_mm": state.best_epe,
+        "mean_pose_test": {k: baseline[k] for k in ("epe_mm", "auc_20_50")},
         "history": state.history})
     write_yaml(partial / "config.yaml", cfg.to_dict())
     write_json(partial / "meta.json", {

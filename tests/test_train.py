@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -91,37 +92,22 @@ def test_stage_pipeline_caches_and_records_provenance(tiny_cfg, capsys):
     # the reloaded student predicts like the artifact says
     net = kd.load_model()
     assert net.arch == "resnet10" and net.in_channels == 3
+    assert metrics["mean_pose_test"]["epe_mm"] > 0
 
 
-def test_interrupted_stage_resumes_from_its_checkpoint(tiny_cfg, monkeypatch):
-    import cmkg.stages as st
+def test_cli_train_prints_the_stages_side_by_side(tiny_cfg, tmp_path, capsys):
+    from cmkg import cli
 
-    real_fit = st.fit
-    seen = {}
-
-    def fit_then_die(*args, **kw):
-        report = kw["report"]
-
-        def report_and_die(state):
-            report(state)
-            raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
-
-        return real_fit(*args, **{**kw, "report": report_and_die})
-
-    monkeypatch.setattr(st, "fit", fit_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        stages.run_stage("teacher", tiny_cfg)
-    key = stages.stage_key("teacher", tiny_cfg)[0]
-    final = stages.Store(tiny_cfg.run.store).final("teacher", key)
-    assert not final.exists() and (final.parent / (final.name + ".partial") / "checkpoint.pt").exists()
-
-    def fit_spy(*args, **kw):
-        seen["start_epoch"] = kw["state"].epoch
-        return real_fit(*args, **kw)
-
-    monkeypatch.setattr(st, "fit", fit_spy)
-    art = stages.run_stage("teacher", tiny_cfg)
-    assert seen["start_epoch"] == 1
-    history = json.loads((art.path / "metrics.json").read_text())["history"]
-    assert [h["epoch"] for h in history] == [1, 2]
-    assert not (final.parent / (final.name + ".partial")).exists()
+    args = ["train", "kd", "--config", "smoke", "--out", str(tmp_path / "runs"),
+            "--set", f"data.root={tmp_path / 'data'}", "--set", "run.progress=none",
+            "--set", "data.source.num=240", "--set", "data.target.num=120",
+            "--set", "optim.batch_size=16", "--set", "epochs.teacher=1",
+            "--set", "epochs.student=1", "--set", "epochs.kd=1"]
+    assert cli.main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:4] == ["stage", "backbone", "input", "test"]
+    assert [ln.split()[0] for ln in lines[1:]] == ["teacher", "student", "kd", "mean"]
+    for ln in lines[1:4]:  # each row's EPE is the one its artifact folder records
+        name, _, _, epe, _, path = ln.split()
+        recorded = json.loads((Path(path) / "metrics.json").read_text())["test"]["epe_mm"]
+        assert float(epe) == pytest.approx(recorded, abs=0.006), name
