@@ -1,7 +1,8 @@
 """The ``cmkg`` command line.
 
     cmkg data synth --domain NAME --num N --size PX --out DIR [--seed S]
-    cmkg train {teacher,student,kd} --config FILE|PRESET [--set key=value ...] [--out DIR]
+    cmkg train {teacher,student,kd,meta,target} --config FILE|PRESET [--set key=value ...]
+               [--out DIR]
     cmkg eval-predictions --pred P.npy --gt G.npy [--vis V.npy] [--root-relative]
     cmkg config show --config FILE|PRESET [--set key=value ...]
 
@@ -53,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                      metavar=("TRAIN", "VAL", "TEST"))
 
     train = sub.add_parser("train", help="train and evaluate one stage (and its missing inputs)")
-    train.add_argument("stage", choices=["teacher", "student", "kd"])
+    train.add_argument("stage", choices=["teacher", "student", "kd", "meta", "target"])
     _add_config_args(train)
 
     ev = sub.add_parser("eval-predictions", help="EPE / PCK / AUC of saved predictions as JSON")
@@ -94,26 +95,31 @@ def _cmd_synth(args) -> int:
 
 def _summary(cfg, stage: str) -> str:
     """Test metrics of the stage and its inputs, side by side."""
-    from cmkg.stages import DEPENDS, Store, stage_key
+    from cmkg.stages import Store, depends, stage_key
+
+    def chain(name: str) -> list[str]:
+        out = []
+        for dep in depends(name, cfg):
+            out += [d for d in chain(dep) if d not in out]
+        return out + [name]
 
     store = Store(cfg.run.store)
     rows = []
-    baseline = None
-    for name in (*DEPENDS[stage], stage):
+    for name in chain(stage):
         art = store.get(name, stage_key(name, cfg)[0])
         if art is None:
             continue
-        metrics = art.metrics
-        t = metrics["test"]
-        baseline = metrics.get("mean_pose_test", baseline)
-        rows.append((name, art.meta["spec"]["arch"], art.meta["spec"]["modality"],
-                     f"{t['epe_mm']:.2f}", f"{t['auc_20_50']:.3f}", str(art.path)))
-    if baseline:
-        rows.append(("mean pose", "-", "-", f"{baseline['epe_mm']:.2f}",
-                     f"{baseline['auc_20_50']:.3f}", "(the training mean for every image)"))
-    head = ("stage", "backbone", "input", "test EPE mm", "AUC 20-50", "artifact")
+        metrics, spec = art.metrics, art.meta["spec"]
+        t, base = metrics["test"], metrics.get("mean_pose_test", {})
+        test_set = cfg.data.target if name == "target" else cfg.data.source
+        rows.append((name, spec["arch"], spec["modality"], test_set.path or test_set.domain,
+                     f"{t['epe_mm']:.2f}", f"{t['auc_20_50']:.3f}",
+                     f"{base['epe_mm']:.2f}" if base else "-", str(art.path)))
+    head = ("stage", "backbone", "input", "test set", "EPE mm", "AUC 20-50", "mean-pose EPE",
+            "artifact")
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [head, *rows])
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
+                     for r in [head, *rows])
 
 
 def _cmd_train(args) -> int:

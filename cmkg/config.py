@@ -26,7 +26,7 @@ from cmkg.errors import ConfigError
 
 PRESET_DIR = Path(__file__).parent / "presets"
 PRESETS = ("smoke", "cpu", "paper")
-STAGES = ("teacher", "student", "kd")
+STAGES = ("teacher", "student", "kd", "meta", "target")
 
 
 @dataclass
@@ -68,6 +68,8 @@ class EpochsConfig:
     teacher: int = 200
     student: int = 100
     kd: int = 100
+    meta: int = 100  # Algorithm 1 runs during the student's distillation fine-tuning (Sect. 5.1)
+    target: int = 100
 
 
 @dataclass
@@ -75,6 +77,30 @@ class DistillConfig:
     losses: list[str] = field(default_factory=lambda: ["act", "att"])
     lambda_att: float = 1.0e3
     att_layers: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
+
+
+@dataclass
+class RegularizerConfig:
+    """R(theta) of the target stage (Table 2) and the form whose phi the meta stage learns."""
+
+    form: str = "weighted_l2"  # none | l1 | l2 | weighted_l1 | weighted_l2
+    sigma: float = 1.0e-5  # constant weight of l1 / l2
+    params: str = "weights"  # weights (conv + linear weights) | all
+    phi_param: str = "free"  # free (the paper's, may go negative) | softplus (phi > 0)
+    phi_init: float = 0.0
+    phi_clip: list[float] | None = field(default_factory=lambda: [-1.0e3, 1.0e3])  # raw phi bounds
+    prior: str | None = None  # a finished meta stage folder; default: found by key
+
+
+@dataclass
+class MetaConfig:
+    """Algorithm 1."""
+
+    inner_steps: int = 1  # l
+    alpha: float = 2.5e-4  # inner SGD step size
+    beta: float = 1.0e-3  # phi learning rate (SGD, Sect. 5.1)
+    phi_optimizer: str = "sgd"  # sgd (paper) | adam
+    first_order: bool = False  # drop the Hessian-vector terms of steps i >= 1
 
 
 @dataclass
@@ -103,6 +129,8 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     epochs: EpochsConfig = field(default_factory=EpochsConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    regularizer: RegularizerConfig = field(default_factory=RegularizerConfig)
+    meta: MetaConfig = field(default_factory=MetaConfig)
     inputs: InputsConfig = field(default_factory=InputsConfig)
     run: RunConfig = field(default_factory=RunConfig)
     preset: str | None = None
@@ -232,6 +260,25 @@ def validate(cfg: Config) -> list[str]:
     check(cfg.distill.lambda_att >= 0, "distill.lambda_att", "must be >= 0")
     check(bool(cfg.distill.att_layers) and all(1 <= i <= 4 for i in cfg.distill.att_layers),
           "distill.att_layers", f"must list layers among 1..4, got {cfg.distill.att_layers}")
+    from cmkg.regularizers import FORMS
+
+    r = cfg.regularizer
+    check(r.form in FORMS, "regularizer.form", f"{r.form!r} is not one of {', '.join(FORMS)}")
+    check(r.sigma >= 0, "regularizer.sigma", f"must be >= 0, got {r.sigma}")
+    check(r.params in ("weights", "all"), "regularizer.params", "must be weights or all")
+    check(r.phi_param in ("free", "softplus"), "regularizer.phi_param", "must be free or softplus")
+    check(r.phi_param == "free" or r.phi_init > 0, "regularizer.phi_init",
+          "must be > 0 with phi_param=softplus")
+    check(r.phi_clip is None or (len(r.phi_clip) == 2 and r.phi_clip[0] < r.phi_clip[1]),
+          "regularizer.phi_clip", f"must be null or [low, high] with low < high, got {r.phi_clip}")
+    if r.prior is not None:
+        check(Path(r.prior, "phi.pt").is_file(), "regularizer.prior",
+              f"{r.prior!r} is not a finished meta stage folder (no phi.pt)")
+    m = cfg.meta
+    check(m.inner_steps >= 1, "meta.inner_steps", f"must be >= 1, got {m.inner_steps}")
+    check(m.alpha > 0, "meta.alpha", f"must be > 0, got {m.alpha}")
+    check(m.beta >= 0, "meta.beta", f"must be >= 0, got {m.beta}")
+    check(m.phi_optimizer in ("sgd", "adam"), "meta.phi_optimizer", "must be sgd or adam")
     for role in ("teacher", "student"):
         path = getattr(cfg.inputs, role)
         if path is not None:

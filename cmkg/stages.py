@@ -1,9 +1,14 @@
 """Stages and the artifact store: the data flow of DESIGN.md as cached, resumable steps.
 
-A *stage* (teacher, student, kd) turns a resolved config and the artifacts of its inputs into
-an *artifact*: a folder ``{store}/{stage}/{key}`` holding
+Stages: ``teacher`` (depth, L_REG), ``student`` (RGB, L_REG), ``kd`` (student + L_DIST against the
+teacher), ``meta`` (Algorithm 1: the student's distillation fine-tuning while phi is learned)
+and ``target`` (Algorithm 2: a fresh student on the target set with F = L_REG + R(theta)).
+
+A stage turns a resolved config and the artifacts of its inputs into an *artifact*: a folder
+``{store}/{stage}/{key}`` holding
 
     model.pt      best weights (by validation EPE) with arch and modality
+    phi.pt        (meta) phi_META, the final phi, with its form and parametrisation
     metrics.json  test metrics of those weights, best validation metrics, per-epoch history
     config.yaml   the full resolved config
     meta.json     key, the spec it hashes, input artifact keys, data fingerprints, code
@@ -12,12 +17,12 @@ an *artifact*: a folder ``{store}/{stage}/{key}`` holding
 ``key`` is the sha256 of the stage's *spec*: only the config entries that change its result
 (data, backbone, optimiser, epochs, seed, the keys of its inputs). Re-running an identical stage
 is a cache hit, and stages that differ only downstream share their inputs (Table 2's rows share
-one teacher). While training, the stage lives in ``{key}.partial/`` with a checkpoint written
-atomically after every epoch; rerunning the same command resumes from it, and the finished
-folder appears by one rename, so a reader never sees half an artifact.
+one teacher and one phi). While training, the stage lives in ``{key}.partial/`` with a
+checkpoint written atomically after every epoch; rerunning the same command resumes from it,
+and the finished folder appears by one rename, so a reader never sees half an artifact.
 
-Nothing here imports Ray: the Ray layer (distributed fits, sweeps, the ablation runner) calls
-``run_stage`` or its pieces.
+``build_stage`` (datasets, networks, objective, optimizers), ``fit`` and the publishing step are
+separate so the Ray layer can run them inside its workers. Nothing here imports Ray.
 """
 
 from __future__ import annotations
@@ -29,23 +34,43 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from cmkg import __version__, models
+from cmkg import __version__, models, regularizers
 from cmkg.atomic import torch_save, write_json, write_yaml
 from cmkg.config import Config, DataSpec, digest
 from cmkg.data import HandDataset, identity_collate, read_manifest, synth_source, synthesize
 from cmkg.errors import DataError, UserError
+from cmkg.meta import check_phi, meta_iteration
 from cmkg.metrics import denormalise, pose_metrics
-from cmkg.train import FitState, distillation_objective, evaluate, fit, regression_objective
+from cmkg.regularizers import WEIGHTED, Regularizer
+from cmkg.train import (
+    FitState,
+    distillation_objective,
+    evaluate,
+    fit,
+    regression_objective,
+    regularized_objective,
+)
 
 STAGE_VERSION = 1  # bump when a stage's meaning changes, to invalidate cached artifacts
-DEPENDS = {"teacher": (), "student": (), "kd": ("teacher", "student")}
-MODALITY = {"teacher": "depth", "student": "rgb", "kd": "rgb"}
+STAGES = ("teacher", "student", "kd", "meta", "target")
+MODALITY = {"teacher": "depth", "student": "rgb", "kd": "rgb", "meta": "rgb", "target": "rgb"}
+
+
+def depends(stage: str, cfg: Config) -> tuple[str, ...]:
+    """Upstream stages: kd and meta fine-tune the student against the teacher; the target
+    stage needs a learned prior only for the weighted regularizers."""
+    if stage in ("kd", "meta"):
+        return ("teacher", "student")
+    if stage == "target" and cfg.regularizer.form in WEIGHTED:
+        return ("meta",)
+    return ()
 
 
 @dataclass
@@ -61,6 +86,13 @@ class Artifact:
     @property
     def meta(self) -> dict:
         return json.loads((self.path / "meta.json").read_text())
+
+    def load_phi(self) -> Regularizer:
+        """The learned prior of a meta stage (Eq. 10), phi frozen."""
+        if not (self.path / "phi.pt").is_file():
+            raise DataError(f"{self.path}: not a meta stage folder (no phi.pt)")
+        state = torch.load(self.path / "phi.pt", map_location="cpu", weights_only=True)
+        return Regularizer.from_phi_state(state).requires_grad_(False)
 
     def load_model(self, device: torch.device | str = "cpu") -> models.PoseNet:
         blob = torch.load(self.path / "model.pt", map_location=device, weights_only=True)
@@ -130,25 +162,45 @@ def ensure_dataset(spec: DataSpec, cfg: Config) -> Path:
 
 def stage_spec(stage: str, cfg: Config, inputs: dict[str, str]) -> dict:
     """The config entries that determine a stage's result, plus its input artifact keys."""
-    data = {"train": [dataset_identity(cfg.data.source, cfg)]
-            + ([dataset_identity(cfg.data.augment, cfg)] if cfg.data.augment else []),
-            "eval": dataset_identity(cfg.data.source, cfg)}
+    if stage == "target":
+        data = {"train": [dataset_identity(cfg.data.target, cfg)],
+                "eval": dataset_identity(cfg.data.target, cfg)}
+    else:
+        data = {"train": [dataset_identity(cfg.data.source, cfg)]
+                + ([dataset_identity(cfg.data.augment, cfg)] if cfg.data.augment else []),
+                "eval": dataset_identity(cfg.data.source, cfg)}
     arch = cfg.model.teacher if stage == "teacher" else cfg.model.student
     spec = {"stage": stage, "version": STAGE_VERSION, "data": data, "arch": arch,
             "modality": MODALITY[stage], "optim": asdict(cfg.optim),
             "epochs": getattr(cfg.epochs, stage), "seed": cfg.run.seed, "inputs": inputs}
-    if stage == "kd":
+    r = cfg.regularizer
+    if stage in ("kd", "meta"):
         spec["distill"] = asdict(cfg.distill)
+    if stage == "meta":
+        spec["meta"] = asdict(cfg.meta)
+        spec["regularizer"] = {"form": r.form, "params": r.params, "phi_param": r.phi_param,
+                               "phi_init": r.phi_init, "phi_clip": r.phi_clip}
+    if stage == "target":
+        spec["regularizer"] = {"form": r.form, "params": r.params}
+        if r.form in ("l1", "l2"):
+            spec["regularizer"]["sigma"] = r.sigma
     return spec
 
 
+def _explicit_input(dep: str, cfg: Config) -> str | None:
+    return cfg.regularizer.prior if dep == "meta" else getattr(cfg.inputs, dep)
+
+
 def stage_key(stage: str, cfg: Config) -> tuple[str, dict, dict[str, Artifact | None]]:
-    """(key, spec, inputs) of a stage; inputs are explicit artifacts (``inputs.*``) or None
-    where the upstream stage is found (or trained) by its own key."""
+    """(key, spec, inputs) of a stage; inputs are explicit artifacts (``inputs.teacher``,
+    ``inputs.student``, ``regularizer.prior``) or None where the upstream stage is found (or
+    trained) by its own key."""
+    if stage not in STAGES:
+        raise UserError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
     inputs: dict[str, Artifact | None] = {}
     keys: dict[str, str] = {}
-    for dep in DEPENDS[stage]:
-        explicit = getattr(cfg.inputs, dep)
+    for dep in depends(stage, cfg):
+        explicit = _explicit_input(dep, cfg)
         inputs[dep] = open_artifact(explicit) if explicit else None
         keys[dep] = inputs[dep].key if inputs[dep] else stage_key(dep, cfg)[0]
     spec = stage_spec(stage, cfg, keys)
@@ -179,8 +231,6 @@ def _say(msg: str) -> None:
 
 def run_stage(stage: str, cfg: Config, store: Store | None = None) -> Artifact:
     """Run ``stage`` (and, first, any upstream stage the store lacks); return its artifact."""
-    if stage not in DEPENDS:
-        raise UserError(f"unknown stage {stage!r}; choose one of {', '.join(DEPENDS)}")
     store = store or Store(cfg.run.store)
     key, spec, inputs = stage_key(stage, cfg)
     done = store.get(stage, key)
@@ -199,42 +249,110 @@ def _loader(ds, batch_size: int, shuffle: bool, cfg: Config, device: torch.devic
         persistent_workers=cfg.run.loader_workers > 0, pin_memory=device.type == "cuda")
 
 
+@dataclass
+class StageRun:
+    """Everything ``fit()`` needs for one stage, built the same way in every worker."""
+
+    stage: str
+    model: torch.nn.Module  # the network evaluated and published
+    trainable: torch.nn.Module  # what the checkpoint holds (model + adapter + phi where used)
+    optimizers: list[torch.optim.Optimizer]
+    loss_fn: Callable | None  # batch -> parts, fit() steps the optimizer
+    update: Callable | None  # batch -> parts, applying its own updates (Algorithm 1)
+    train_set: HandDataset
+    val_set: HandDataset
+    test_set: HandDataset
+    train_roots: list[Path]
+    eval_root: Path
+    regularizer: Regularizer | None = None
+
+
+def build_stage(stage: str, cfg: Config, spec: dict, upstream: dict[str, Artifact],
+                device: torch.device) -> StageRun:
+    """Datasets, networks, objective and optimizers of a stage (Sect. 3, Algorithms 1-2)."""
+    modality = MODALITY[stage]
+    # -- data ------------------------------------------------------------------------------------
+    if stage == "target":
+        eval_root = ensure_dataset(cfg.data.target, cfg)
+        train_roots = [eval_root]
+    else:
+        eval_root = ensure_dataset(cfg.data.source, cfg)
+        train_roots = [eval_root] + ([ensure_dataset(cfg.data.augment, cfg)]
+                                     if cfg.data.augment else [])
+    need = ("rgb", "depth") if stage in ("kd", "meta") else (modality,)
+    train_set = HandDataset(train_roots, "train", need)
+    if len(train_set) < cfg.optim.batch_size:
+        raise DataError(f"{train_roots[0]}: {len(train_set)} training samples, fewer than one "
+                        f"batch (optim.batch_size={cfg.optim.batch_size})")
+    val_set = HandDataset(eval_root, "val", (modality,))
+    test_set = HandDataset(eval_root, "test", (modality,))
+
+    # -- networks and objective ------------------------------------------------------------------
+    torch.manual_seed(cfg.run.seed)
+    model = models.build(spec["arch"], modality).to(device)
+    adam = lambda params: torch.optim.Adam(  # noqa: E731
+        params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    run = StageRun(stage, model, model, [], None, None, train_set, val_set, test_set,
+                   train_roots, eval_root)
+    if stage in ("teacher", "student"):
+        run.loss_fn = regression_objective(model, modality)
+        run.optimizers = [adam(model.parameters())]
+    elif stage in ("kd", "meta"):
+        model.load_state_dict(upstream["student"].load_model().state_dict())  # warm start
+        teacher = upstream["teacher"].load_model(device).eval().requires_grad_(False)
+        adapter = models.activation_adapter(model, teacher).to(device)
+        run.trainable = torch.nn.ModuleDict({"student": model, "adapter": adapter})
+        run.optimizers = [adam(run.trainable.parameters())]
+        if stage == "kd":
+            run.loss_fn = distillation_objective(model, adapter, teacher, **asdict(cfg.distill))
+        else:
+            r, m = cfg.regularizer, cfg.meta
+            if r.form not in WEIGHTED:
+                raise UserError(f"regularizer.form={r.form}: the meta stage learns phi of a "
+                                f"weighted form ({', '.join(WEIGHTED)})")
+            reg = regularizers.build(r.form, model, params=r.params, phi_param=r.phi_param,
+                                     phi_init=r.phi_init).to(device)
+            run.regularizer = reg
+            run.trainable["phi"] = reg
+            phi_opt = (torch.optim.SGD(reg.parameters(), lr=m.beta) if m.phi_optimizer == "sgd"
+                       else torch.optim.Adam(reg.parameters(), lr=m.beta))
+            run.optimizers.append(phi_opt)
+            clip = tuple(r.phi_clip) if r.phi_clip else None
+            run.update = lambda batch: meta_iteration(
+                model, adapter, teacher, reg, batch, run.optimizers[0], phi_opt, alpha=m.alpha,
+                steps=m.inner_steps, first_order=m.first_order, phi_clip=clip,
+                **asdict(cfg.distill))
+    else:  # target: a fresh student, F = L_REG + R(theta; phi_META) (Algorithm 2)
+        r = cfg.regularizer
+        if r.form in WEIGHTED:
+            reg = upstream["meta"].load_phi()
+            if reg.form != r.form:
+                raise UserError(f"regularizer.form={r.form} but the prior "
+                                f"{upstream['meta'].path} holds {reg.form}")
+            shapes = dict(model.named_parameters())
+            bad = [n for n in reg.names if n not in shapes or shapes[n].shape != reg.raw[
+                reg.names.index(n)].shape]
+            if bad:
+                raise UserError(f"regularizer.prior {upstream['meta'].path}: phi does not fit "
+                                f"the {spec['arch']} student (first mismatch: {bad[0]})")
+        else:
+            reg = regularizers.build(r.form, model, params=r.params, sigma=r.sigma)
+        run.regularizer = reg = reg.to(device)
+        run.loss_fn = regularized_objective(model, reg)
+        run.optimizers = [adam(model.parameters())]
+    return run
+
+
 def _train(stage: str, cfg: Config, key: str, spec: dict, upstream: dict[str, Artifact],
            store: Store) -> Artifact:
     device = resolve_device(cfg.run.device)
     torch.set_num_threads(cfg.run.threads or os.cpu_count() or 1)
     modality = MODALITY[stage]
-    need = ("rgb", "depth") if stage == "kd" else (modality,)
-
-    # -- data ------------------------------------------------------------------------------------
-    source = ensure_dataset(cfg.data.source, cfg)
-    train_roots = [source] + ([ensure_dataset(cfg.data.augment, cfg)] if cfg.data.augment else [])
-    train_set = HandDataset(train_roots, "train", need)
-    val_set = HandDataset(source, "val", (modality,))
-    test_set = HandDataset(source, "test", (modality,))
-    if len(train_set) < cfg.optim.batch_size:
-        raise DataError(f"{source}: {len(train_set)} training samples, fewer than one batch "
-                        f"(optim.batch_size={cfg.optim.batch_size})")
+    run = build_stage(stage, cfg, spec, upstream, device)
     gen = torch.Generator().manual_seed(cfg.run.seed)
-    train_loader = _loader(train_set, cfg.optim.batch_size, True, cfg, device, gen)
-    val_loader = _loader(val_set, 256, False, cfg, device)
-    test_loader = _loader(test_set, 256, False, cfg, device)
-
-    # -- models and objective --------------------------------------------------------------------
-    torch.manual_seed(cfg.run.seed)
-    arch = spec["arch"]
-    model = models.build(arch, modality).to(device)
-    trainable: torch.nn.Module = model
-    if stage == "kd":
-        model.load_state_dict(upstream["student"].load_model().state_dict())  # warm start
-        teacher = upstream["teacher"].load_model(device).eval().requires_grad_(False)
-        adapter = models.activation_adapter(model, teacher).to(device)
-        trainable = torch.nn.ModuleDict({"student": model, "adapter": adapter})
-        loss_fn = distillation_objective(model, adapter, teacher, **asdict(cfg.distill))
-    else:
-        loss_fn = regression_objective(model, modality)
-    optimizer = torch.optim.Adam(trainable.parameters(), lr=cfg.optim.lr,
-                                 weight_decay=cfg.optim.weight_decay)
+    train_loader = _loader(run.train_set, cfg.optim.batch_size, True, cfg, device, gen)
+    val_loader = _loader(run.val_set, 256, False, cfg, device)
+    test_loader = _loader(run.test_set, 256, False, cfg, device)
 
     # -- resume from the partial folder ----------------------------------------------------------
     final = store.final(stage, key)
@@ -245,46 +363,57 @@ def _train(stage: str, cfg: Config, key: str, spec: dict, upstream: dict[str, Ar
     if ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
         if ckpt.get("key") == key:
-            trainable.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
+            run.trainable.load_state_dict(ckpt["model"])
+            for opt, st in zip(run.optimizers, ckpt["optimizers"]):
+                opt.load_state_dict(st)
             state = ckpt["state"]
             gen.set_state(ckpt["loader_rng"])
             torch.set_rng_state(ckpt["torch_rng"])
             _say(f"{stage}: resuming {partial} after epoch {state.epoch}/{spec['epochs']}")
 
     def checkpoint(st: FitState) -> None:
-        torch_save(ckpt_path, {"key": key, "model": trainable.state_dict(),
-                               "optimizer": optimizer.state_dict(), "state": st,
-                               "loader_rng": gen.get_state(), "torch_rng": torch.get_rng_state()})
+        if run.regularizer is not None and stage == "meta":
+            check_phi(run.regularizer, stage, st.epoch)
+        torch_save(ckpt_path, {"key": key, "model": run.trainable.state_dict(),
+                               "optimizers": [o.state_dict() for o in run.optimizers],
+                               "state": st, "loader_rng": gen.get_state(),
+                               "torch_rng": torch.get_rng_state()})
 
     # -- fit -------------------------------------------------------------------------------------
     started = time.time()
-    _say(f"{stage}: training {arch} on {modality} ({len(train_set)} train / {len(val_set)} val "
-         f"samples, {spec['epochs']} epochs, {device}) -> {final}")
-    state = fit(trainable, loss_fn, train_loader, optimizer, spec["epochs"], device=device,
-                validate=lambda: evaluate(model, val_loader, modality, device),
+    _say(f"{stage}: training {spec['arch']} on {modality} ({len(run.train_set)} train / "
+         f"{len(run.val_set)} val samples, {spec['epochs']} epochs, {device}) -> {final}")
+    state = fit(run.trainable, run.loss_fn, train_loader,
+                run.optimizers[0] if run.update is None else None, spec["epochs"],
+                device=device, update=run.update,
+                validate=lambda: evaluate(run.model, val_loader, modality, device),
                 eval_every=cfg.run.eval_every, state=state, report=checkpoint, stage=stage,
                 progress=cfg.run.progress)
 
     # -- evaluate the best weights and publish the artifact --------------------------------------
-    best = {k[len("student."):] if stage == "kd" else k: v for k, v in state.best_state.items()
-            if stage != "kd" or k.startswith("student.")}
-    model.load_state_dict(best)
-    test = evaluate(model, test_loader, modality, device)
+    prefix = "student." if run.trainable is not run.model else ""
+    best = {k[len(prefix):]: v for k, v in state.best_state.items() if k.startswith(prefix)}
+    run.model.load_state_dict(best)
+    test = evaluate(run.model, test_loader, modality, device)
     # reference: predicting the training set's mean pose for every test image
-    mean_pose = np.broadcast_to(train_set.target.mean(0), test_set.target.shape)
-    baseline = pose_metrics(denormalise(mean_pose, test_set.scale), test_set.joints, test_set.vis)
-    torch_save(partial / "model.pt", {"arch": arch, "modality": modality, "state_dict": best})
-    write_json(partial / "metrics.json", {
-        "test": test, "best_epoch": state.best_epoch, "best_val_epe_mm": state.best_epe,
-        "mean_pose_test": {k: baseline[k] for k in ("epe_mm", "auc_20_50")},
-        "history": state.history})
+    mean_pose = np.broadcast_to(run.train_set.target.mean(0), run.test_set.target.shape)
+    baseline = pose_metrics(denormalise(mean_pose, run.test_set.scale), run.test_set.joints,
+                            run.test_set.vis)
+    metrics = {"test": test, "best_epoch": state.best_epoch, "best_val_epe_mm": state.best_epe,
+               "mean_pose_test": {k: baseline[k] for k in ("epe_mm", "auc_20_50")},
+               "history": state.history}
+    torch_save(partial / "model.pt", {"arch": spec["arch"], "modality": modality,
+                                      "state_dict": best})
+    if stage == "meta":  # phi_META = phi_K, the final phi (Algorithm 1, line 12)
+        torch_save(partial / "phi.pt", run.regularizer.phi_state())
+        metrics["phi"] = phi_summary(run.regularizer)
+    write_json(partial / "metrics.json", metrics)
     write_yaml(partial / "config.yaml", cfg.to_dict())
     write_json(partial / "meta.json", {
         "stage": stage, "key": key, "spec": spec,
         "inputs": {d: {"key": a.key, "path": str(a.path)} for d, a in upstream.items()},
-        "data": {"train": [read_manifest(r)["fingerprint"] for r in train_roots],
-                 "eval": read_manifest(source)["fingerprint"]},
+        "data": {"train": [read_manifest(r)["fingerprint"] for r in run.train_roots],
+                 "eval": read_manifest(run.eval_root)["fingerprint"]},
         "code_version": code_version(), "torch": torch.__version__, "device": str(device),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
         "duration_s": time.time() - started})
@@ -295,3 +424,11 @@ def _train(stage: str, cfg: Config, key: str, spec: dict, upstream: dict[str, Ar
         os.rename(partial, final)
     _say(f"{stage}: test EPE {test['epe_mm']:.2f} mm, AUC(20-50) {test['auc_20_50']:.3f} -> {final}")
     return Artifact(stage, key, final)
+
+
+def phi_summary(reg: Regularizer) -> dict:
+    """Distribution of the learned phi (Fig. 5): mean, std, extremes, fraction negative."""
+    phi = torch.cat([p.detach().flatten().cpu() for p in reg.phi()])
+    return {"count": phi.numel(), "mean": float(phi.mean()), "std": float(phi.std()),
+            "min": float(phi.min()), "max": float(phi.max()),
+            "fraction_negative": float((phi < 0).float().mean())}

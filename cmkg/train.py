@@ -9,6 +9,9 @@ Stage objectives (Sect. 3, 5.1), each a function ``batch -> dict`` of named loss
 - student: RGB -> joints, L_REG
 - kd:      RGB student warm-started from ``student``, L_REG + L_ACT + lambda * L_ATT
            (Eqs. 1-4) against the frozen depth teacher on the paired depth map
+- meta:    Algorithm 1 (``cmkg.meta.meta_iteration``), passed to ``fit`` as ``update``: a step
+           that computes and applies its own updates
+- target:  a fresh RGB student on the target set, F = L_REG + R(theta; phi_META) (Algorithm 2)
 """
 
 from __future__ import annotations
@@ -44,6 +47,18 @@ def regression_objective(model: nn.Module, modality: str) -> LossFn:
         pred, _ = model(batch[modality])
         reg = regression_loss(pred, batch["target"])
         return {"loss": reg, "reg": reg}
+
+    return loss_fn
+
+
+def regularized_objective(model: nn.Module, reg: nn.Module) -> LossFn:
+    """F = L_REG + R(theta) (Eq. 9; Algorithm 2 with phi frozen): RGB student on the target."""
+
+    def loss_fn(batch):
+        pred, _ = model(batch["rgb"])
+        reg_loss = regression_loss(pred, batch["target"])
+        prior = reg(dict(model.named_parameters()))
+        return {"loss": reg_loss + prior, "reg": reg_loss, "prior": prior}
 
     return loss_fn
 
@@ -122,11 +137,15 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)  # DDP keeps the real module here
 
 
-def fit(model: nn.Module, loss_fn: LossFn, loader, optimizer: torch.optim.Optimizer, epochs: int,
-        *, device: torch.device, validate: Callable[[], dict] | None = None, eval_every: int = 1,
+def fit(model: nn.Module, loss_fn: LossFn | None, loader, optimizer: torch.optim.Optimizer | None,
+        epochs: int, *, device: torch.device, update: LossFn | None = None,
+        validate: Callable[[], dict] | None = None, eval_every: int = 1,
         state: FitState | None = None, report: Callable[[FitState], None] | None = None,
         stage: str = "fit", progress: str = "auto", check_every: int = 50) -> FitState:
     """Train ``model`` on ``loss_fn`` for ``epochs`` epochs, validating and keeping the best.
+
+    Each step minimises ``loss_fn(batch)["loss"]`` with ``optimizer``; or, when ``update`` is
+    given instead, calls it and lets it apply its own updates (the meta stage's Algorithm 1).
 
     ``validate()`` returns metrics with ``epe_mm``; the best-EPE weights are kept in
     ``state.best_state``. ``report(state)`` runs after every epoch (checkpointing). Losses are
@@ -148,10 +167,14 @@ def fit(model: nn.Module, loss_fn: LossFn, loader, optimizer: torch.optim.Optimi
         bar = tqdm(total=len(loader), desc=f"{stage} {epoch}/{epochs}", leave=False,
                    disable=not bar_on, file=sys.stderr, dynamic_ncols=True)
         for batch in loader:
-            parts = loss_fn(prepare_batch(batch, device))
-            optimizer.zero_grad(set_to_none=True)
-            parts["loss"].backward()
-            optimizer.step()
+            batch = prepare_batch(batch, device)
+            if update is not None:
+                parts = update(batch)
+            else:
+                parts = loss_fn(batch)
+                optimizer.zero_grad(set_to_none=True)
+                parts["loss"].backward()
+                optimizer.step()
             # one stacked add per step keeps the bookkeeping to two small kernels
             stacked = torch.stack([v.detach() for v in parts.values()])
             total = stacked if total is None else total + stacked

@@ -1,0 +1,149 @@
+"""Algorithm 1: meta-learning the prior phi of R(theta; phi) on a paired source dataset.
+
+Per iteration k on a source batch (x, x~, y), with F = L_REG + R(theta; phi) and
+G = L_REG + L_DIST (Eq. 8):
+
+    1. theta_0'' = theta_k;  theta_{i+1}'' = theta_i'' - alpha * grad F(theta_i''; phi_k),
+       i = 0 .. l-1, kept differentiable in phi                                  (E-step)
+    2. phi_{k+1} = phi_k - beta * grad_phi G(theta_l''(phi_k))                   (M-step)
+    3. theta_{k+1} = theta_k - alpha * grad G(theta_k)   (Adam, as in Sect. 5.1)
+
+Implementation notes:
+- The unrolled steps run on the bare module through ``torch.func.functional_call`` with
+  ``torch.autograd.grad``; an optimizer's in-place ``step()`` would cut the path to phi.
+  BatchNorm runs on *cloned* buffers there, so the unrolled steps leave the model's running
+  statistics as one ordinary training step would.
+- theta_0'' = theta_k does not depend on phi, so grad L_REG(theta_k) enters step 1 as a constant:
+  it comes from the same student forward as step 3's grad G(theta_k) and needs no graph. The
+  phi-dependence of theta_1'' runs only through R's closed-form gradient; for l = 1 the exact
+  meta-gradient therefore costs no second-order pass (weighted l2: -2 alpha theta_k * grad G).
+  Steps i >= 1 build the graph of grad L_REG (Hessian-vector terms) unless ``first_order``.
+- ``first_order`` drops those Hessian-vector terms but keeps the path through R; for weighted l2
+  with SGD this is the elementwise recursion J_{i+1} = J_i (1 - 2 alpha phi) - 2 alpha theta_i''.
+- The teacher forward on x~ serves steps 2 and 3; the student forward at theta_k serves 1 and 3.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from cmkg.errors import NumericalError
+from cmkg.losses import distillation_loss, regression_loss
+from cmkg.regularizers import Regularizer
+
+Params = dict[str, Tensor]
+
+
+def unroll(model: nn.Module, reg: Regularizer, theta0: Params, buffers: Params, x: Tensor,
+           y: Tensor, *, alpha: float, steps: int, first_order: bool = False,
+           grad0: Params | None = None) -> Params:
+    """theta_l'' after ``steps`` differentiable SGD steps on F from ``theta0`` (Alg. 1, E-step).
+
+    ``grad0``: grad L_REG(theta0) if the caller has it (from a shared forward); it carries no
+    graph because theta0 does not depend on phi."""
+    theta = theta0
+    for i in range(steps):
+        if i == 0 and grad0 is not None:
+            g = grad0
+        else:
+            pred, _ = functional_call(model, {**theta, **buffers}, (x,))
+            loss = regression_loss(pred, y)
+            keep = not first_order and i > 0  # theta_0'' is a constant in phi
+            g = dict(zip(theta, torch.autograd.grad(loss, list(theta.values()), create_graph=keep)))
+        r = reg.grad(theta)
+        theta = {n: t - alpha * (g[n] + r[n]) if n in r else t - alpha * g[n]
+                 for n, t in theta.items()}
+    return theta
+
+
+def objective_g(student: nn.Module, adapter: nn.Module, params: Params, buffers: Params,
+                x: Tensor, y: Tensor, teacher_acts: list[Tensor], *, losses: list[str],
+                lambda_att: float, att_layers: list[int]) -> dict[str, Tensor]:
+    """G = L_REG + L_DIST of the student at ``params`` against fixed teacher activations."""
+    pred, acts = functional_call(student, {**params, **buffers}, (x,))
+    picks = [i - 1 for i in att_layers]
+    reg = regression_loss(pred, y)
+    parts = distillation_loss(adapter(acts[-1]), teacher_acts[-1], [acts[i] for i in picks],
+                              [teacher_acts[i] for i in picks], lambda_att=lambda_att,
+                              use_act="act" in losses, use_att="att" in losses)
+    return {"G": reg + parts["dist"], "reg": reg, **parts}
+
+
+def meta_gradient(student: nn.Module, adapter: nn.Module, reg: Regularizer, batch: dict,
+                  teacher_acts: list[Tensor], *, alpha: float, steps: int, first_order: bool,
+                  losses: list[str], lambda_att: float, att_layers: list[int],
+                  grad0: Params | None = None) -> tuple[list[Tensor], Tensor]:
+    """d G(theta_l''(phi)) / d raw-phi at the student's current weights, and that G.
+
+    Standalone (no updates), on cloned BatchNorm buffers: the gradient tests call it."""
+    theta0 = {n: p.detach().requires_grad_() for n, p in student.named_parameters()}
+    buffers = {n: b.clone() for n, b in student.named_buffers()}
+    x, y = batch["rgb"], batch["target"]
+    theta = unroll(student, reg, theta0, buffers, x, y, alpha=alpha, steps=steps,
+                   first_order=first_order, grad0=grad0)
+    g = objective_g(student, adapter, theta, buffers, x, y, teacher_acts, losses=losses,
+                    lambda_att=lambda_att, att_layers=att_layers)["G"]
+    return list(torch.autograd.grad(g, list(reg.raw))), g.detach()
+
+
+def meta_iteration(student: nn.Module, adapter: nn.Module, teacher: nn.Module,
+                   reg: Regularizer, batch: dict, theta_opt: torch.optim.Optimizer,
+                   phi_opt: torch.optim.Optimizer, *, alpha: float, steps: int,
+                   first_order: bool, losses: list[str], lambda_att: float,
+                   att_layers: list[int], phi_clip: tuple[float, float] | None = None,
+                   ) -> dict[str, Tensor]:
+    """One iteration of Algorithm 1: updates phi (``phi_opt``, SGD with lr beta) and theta
+    (``theta_opt``, Adam) in place; returns the named parts for the logs."""
+    x, y = batch["rgb"], batch["target"]
+    with torch.no_grad():
+        _, t_acts = teacher(batch["depth"])  # serves steps 2 and 3
+
+    # -- the student at theta_k: one forward for steps 1 and 3 -------------------------------
+    params = dict(student.named_parameters())
+    side = [p for p in adapter.parameters() if p.requires_grad]
+    g_k = objective_g(student, adapter, params, {}, x, y, t_acts, losses=losses,
+                      lambda_att=lambda_att, att_layers=att_layers)
+    grad_reg = torch.autograd.grad(g_k["reg"], list(params.values()), retain_graph=True)
+    grad_dist = torch.autograd.grad(g_k["dist"], [*params.values(), *side], allow_unused=True)
+
+    # -- steps 1-2: unroll l steps of F, then phi <- phi - beta grad_phi G(theta_l'') ------------
+    phi_grads, g_inner = meta_gradient(
+        student, adapter, reg, batch, t_acts, alpha=alpha, steps=steps, first_order=first_order,
+        losses=losses, lambda_att=lambda_att, att_layers=att_layers,
+        grad0=dict(zip(params, grad_reg)))
+    for r, g in zip(reg.raw, phi_grads):
+        r.grad = g
+    phi_norm = torch.sqrt(sum(g.pow(2).sum() for g in phi_grads))
+    phi_opt.step()
+    if phi_clip is not None:
+        with torch.no_grad():
+            for r in reg.raw:
+                r.clamp_(*phi_clip)
+
+    # -- step 3: theta <- Adam(grad G(theta_k)) ------------------------------------------------
+    n = len(params)
+    for p, gr, gd in zip(params.values(), grad_reg, grad_dist[:n]):
+        p.grad = gr if gd is None else gr + gd
+    for p, gd in zip(side, grad_dist[n:]):
+        p.grad = gd
+    theta_opt.step()
+
+    parts = {"loss": g_k["G"].detach(), "reg": g_k["reg"].detach(), "G_inner": g_inner,
+             "phi_grad_norm": phi_norm.detach()}
+    parts.update({k: g_k[k].detach() for k in ("act", "att") if k in g_k})
+    return parts
+
+
+def check_phi(reg: Regularizer, stage: str, iteration: int) -> None:
+    """Stop with a clear error when phi became NaN/Inf."""
+    for name, r in zip(reg.names, reg.raw):
+        if not torch.isfinite(r).all():
+            raise NumericalError(f"stage {stage}: phi of {name} became non-finite at iteration "
+                                 f"{iteration}; lower meta.beta or use regularizer.phi_param=softplus")
+
+
+MetaStep = Callable[[dict], dict[str, Tensor]]
