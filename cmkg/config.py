@@ -88,7 +88,7 @@ class RegularizerConfig:
     params: str = "weights"  # weights (conv + linear weights) | all
     phi_param: str = "free"  # free (the paper's, may go negative) | softplus (phi > 0)
     phi_init: float = 0.0
-    phi_clip: list[float] | None = field(default_factory=lambda: [-1.0e3, 1.0e3])  # raw phi bounds
+    phi_clip: list[float] | None = None  # bounds on raw phi; null = +-1 / (2 meta.alpha)
     prior: str | None = None  # a finished meta stage folder; default: found by key
 
 

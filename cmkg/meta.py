@@ -21,11 +21,21 @@ Implementation notes:
 - ``first_order`` drops those Hessian-vector terms but keeps the path through R; for weighted l2
   with SGD this is the elementwise recursion J_{i+1} = J_i (1 - 2 alpha phi) - 2 alpha theta_i''.
 - The teacher forward on x~ serves steps 2 and 3; the student forward at theta_k serves 1 and 3.
+
+Stability with the paper's unconstrained phi (a negative phi_i boosts theta_i, so F is unbounded
+below). Three things keep a run finite, each tested:
+- After every meta step the raw phi is clipped, by default to +-1/(2 alpha) (``phi_bounds``):
+  in the inner step theta <- theta - alpha (grad L_REG + 2 phi theta) the prior scales a weight
+  by (1 - 2 alpha phi), and |2 alpha phi| <= 1 keeps that factor in [0, 2]: a positive phi can
+  at most zero a weight in one step, never flip it; a negative one can at most double it.
+- The target stage (Algorithm 2) trains theta with Adam, whose step is at most
+  lr (1 - beta1) / sqrt(1 - beta2) (3.16 lr with the defaults) whatever the gradient's size, so a
+  negative phi grows a weight linearly, not exponentially.
+- Every loss part is checked for NaN/Inf (``fit``) and phi after every epoch (``check_phi``);
+  either stops the stage with a ``NumericalError`` naming stage, epoch and term.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -138,12 +148,15 @@ def meta_iteration(student: nn.Module, adapter: nn.Module, teacher: nn.Module,
     return parts
 
 
+def phi_bounds(alpha: float) -> tuple[float, float]:
+    """Default clip of raw phi: +-1/(2 alpha), so |2 alpha phi| <= 1 in the inner step."""
+    return -1.0 / (2.0 * alpha), 1.0 / (2.0 * alpha)
+
+
 def check_phi(reg: Regularizer, stage: str, iteration: int) -> None:
     """Stop with a clear error when phi became NaN/Inf."""
     for name, r in zip(reg.names, reg.raw):
         if not torch.isfinite(r).all():
-            raise NumericalError(f"stage {stage}: phi of {name} became non-finite at iteration "
+            raise NumericalError(f"stage {stage}: phi of {name} became non-finite at epoch "
                                  f"{iteration}; lower meta.beta or use regularizer.phi_param=softplus")
 
-
-MetaStep = Callable[[dict], dict[str, Tensor]]

@@ -46,7 +46,7 @@ from cmkg.atomic import torch_save, write_json, write_yaml
 from cmkg.config import Config, DataSpec, digest
 from cmkg.data import HandDataset, identity_collate, read_manifest, synth_source, synthesize
 from cmkg.errors import DataError, UserError
-from cmkg.meta import check_phi, meta_iteration
+from cmkg.meta import check_phi, meta_iteration, phi_bounds
 from cmkg.metrics import denormalise, pose_metrics
 from cmkg.regularizers import WEIGHTED, Regularizer
 from cmkg.train import (
@@ -317,7 +317,7 @@ def build_stage(stage: str, cfg: Config, spec: dict, upstream: dict[str, Artifac
             phi_opt = (torch.optim.SGD(reg.parameters(), lr=m.beta) if m.phi_optimizer == "sgd"
                        else torch.optim.Adam(reg.parameters(), lr=m.beta))
             run.optimizers.append(phi_opt)
-            clip = tuple(r.phi_clip) if r.phi_clip else None
+            clip = tuple(r.phi_clip) if r.phi_clip else phi_bounds(m.alpha)
             run.update = lambda batch: meta_iteration(
                 model, adapter, teacher, reg, batch, run.optimizers[0], phi_opt, alpha=m.alpha,
                 steps=m.inner_steps, first_order=m.first_order, phi_clip=clip,

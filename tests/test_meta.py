@@ -209,3 +209,93 @@ def test_unroll_without_phi_path_is_plain_sgd():
     opt.step()
     for n, p in ref.named_parameters():
         torch.testing.assert_close(out[n].detach(), p.detach(), rtol=1e-12, atol=1e-14)
+
+
+def _toy_batches(seed, n, teacher):
+    """RGB = the depth map in every channel plus heavy noise; y = the depth teacher's output, so
+    the teacher's activations are exactly the features that predict y."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        depth = torch.randn(16, 1, 8, 8, generator=g, dtype=torch.float64)
+        rgb = depth.expand(16, 3, 8, 8) + torch.randn(16, 3, 8, 8, generator=g, dtype=torch.float64)
+        with torch.no_grad():
+            target = teacher(depth)[0]
+        out.append({"rgb": rgb, "depth": depth, "target": target})
+    return out
+
+
+def test_meta_training_lowers_g_on_held_out_batches():
+    """Algorithm 1 on a toy where the privileged signal is known to help: the learned phi
+    makes one inner step of F lower G on batches it never saw, against phi = 0."""
+    torch.manual_seed(0)
+    teacher = Tiny(1).double().eval()
+    train, held = _toy_batches(1, 40, teacher), _toy_batches(2, 20, teacher)
+    student = Tiny(3).double()
+    reg = regularizers.build("weighted_l2", student).double()
+    theta_opt = torch.optim.Adam(student.parameters(), lr=1e-3)
+    phi_opt = torch.optim.SGD(reg.parameters(), lr=100.0)  # toy scale, not the paper's beta
+    for _ in range(3):
+        for b in train:
+            meta_iteration(student, nn.Identity(), teacher, reg, b, theta_opt, phi_opt, alpha=0.05,
+                           steps=1, first_order=False, **LOSS_KW)
+    zero = copy.deepcopy(reg)
+    with torch.no_grad():
+        for r in zero.raw:
+            r.zero_()
+    learned, baseline = [], []
+    for b in held:
+        with torch.no_grad():
+            _, t_acts = teacher(b["depth"])
+        learned.append(float(_g_at(student, reg, b, t_acts, 0.05, 1)[1]))
+        baseline.append(float(_g_at(student, zero, b, t_acts, 0.05, 1)[1]))
+    wins = sum(a < b for a, b in zip(learned, baseline))
+    assert wins >= 18, (wins, learned, baseline)
+    assert sum(learned) < 0.95 * sum(baseline)
+
+
+def test_phi_is_clipped_and_a_nan_phi_stops_the_stage():
+    from cmkg.errors import NumericalError
+    from cmkg.meta import check_phi, phi_bounds
+
+    lo, hi = phi_bounds(2.5e-4)
+    assert (lo, hi) == (-2000.0, 2000.0)
+    student, reg, batch, _ = _setup("weighted_l2")
+    teacher = Tiny(1).double().eval()
+    theta_opt = torch.optim.Adam(student.parameters(), lr=1e-3)
+    phi_opt = torch.optim.SGD(reg.parameters(), lr=1e9)  # a runaway meta step
+    meta_iteration(student, nn.Identity(), teacher, reg, batch, theta_opt, phi_opt, alpha=0.05,
+                   steps=1, first_order=False, phi_clip=phi_bounds(0.05), **LOSS_KW)
+    flat = torch.cat([r.detach().flatten() for r in reg.raw])
+    assert float(flat.min()) >= -10.0 and float(flat.max()) <= 10.0
+    assert float(flat.abs().max()) == 10.0  # the clip did bind
+    with torch.no_grad():
+        reg.raw[0].view(-1)[0] = float("nan")
+    with pytest.raises(NumericalError, match=r"stage meta: phi of c1.weight became non-finite"):
+        check_phi(reg, "meta", 3)
+
+
+def test_target_training_with_negative_phi_stays_finite():
+    """A strongly negative, unconstrained phi (at the default clip) boosts the weights; Adam's
+    bounded steps keep them finite and growing at most linearly."""
+    torch.manual_seed(0)
+    model = Tiny(3).double()
+    reg = regularizers.build("weighted_l2", model).double()
+    with torch.no_grad():
+        for r in reg.raw:
+            r.fill_(-2000.0)
+    reg.requires_grad_(False)
+    lr, steps = 1e-3, 200
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    x, y = torch.randn(6, 3, 8, 8, dtype=torch.float64), torch.randn(6, 21, 3, dtype=torch.float64)
+    for _ in range(steps):
+        loss = regression_loss(model(x)[0], y) + reg(dict(model.named_parameters()))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert torch.isfinite(loss)
+    for n, p in model.named_parameters():
+        assert torch.isfinite(p).all()
+        # Adam's step is at most lr (1 - beta1) / sqrt(1 - beta2) = 3.16 lr, whatever the gradient
+        assert float((p - start[n]).abs().max()) <= steps * lr * 0.1 / 0.001 ** 0.5 * 1.001
