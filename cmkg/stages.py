@@ -329,9 +329,11 @@ def build_stage(stage: str, cfg: Config, spec: dict, upstream: dict[str, Artifac
             if reg.form != r.form:
                 raise UserError(f"regularizer.form={r.form} but the prior "
                                 f"{upstream['meta'].path} holds {reg.form}")
-            shapes = dict(model.named_parameters())
-            bad = [n for n in reg.names if n not in shapes or shapes[n].shape != reg.raw[
-                reg.names.index(n)].shape]
+            named = dict(model.named_parameters())
+            wanted = regularizers.regularised_names(model, r.params)
+            held = dict(zip(reg.names, (t.shape for t in reg.raw)))
+            bad = sorted(set(wanted) ^ set(held)) or [
+                n for n in wanted if held[n] != named[n].shape]
             if bad:
                 raise UserError(f"regularizer.prior {upstream['meta'].path}: phi does not fit "
                                 f"the {spec['arch']} student (first mismatch: {bad[0]})")

@@ -1,0 +1,90 @@
+"""The meta and target stages end to end on a tiny config (Algorithms 1 and 2 wired up)."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from cmkg import cli, stages
+from cmkg.errors import UserError
+
+
+def _with(cfg, **sections):
+    """A copy of ``cfg`` with some fields of some sections replaced."""
+    return dataclasses.replace(cfg, **{name: dataclasses.replace(getattr(cfg, name), **fields)
+                                       for name, fields in sections.items()})
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from cmkg import config
+
+    tmp = tmp_path_factory.mktemp("meta")
+    return config.load("smoke", [
+        "data.source.num=200", "data.target.num=120", "optim.batch_size=16",
+        "epochs.teacher=1", "epochs.student=1", "epochs.meta=1", "epochs.target=2",
+        f"data.root={tmp / 'data'}", f"run.store={tmp / 'runs'}", "run.progress=none"])
+
+
+def test_meta_stage_saves_phi_with_provenance(tiny):
+    art = stages.run_stage("meta", tiny)
+    meta = art.meta
+    assert set(meta["inputs"]) == {"teacher", "student"} and meta["code_version"]
+    assert meta["data"]["train"] and meta["spec"]["meta"]["inner_steps"] == 1
+    reg = art.load_phi()
+    assert reg.form == "weighted_l2" and reg.names and not any(r.requires_grad for r in reg.raw)
+    phi = art.metrics["phi"]
+    assert phi["count"] == sum(r.numel() for r in reg.raw)
+    assert phi["max"] > phi["min"]  # phi moved away from its constant start
+    assert (art.path / "config.yaml").is_file()
+
+
+def test_target_with_zero_prior_equals_no_regularizer(tiny):
+    """Algorithm 2 with phi = 0 (a meta stage with beta = 0) trains exactly like form=none."""
+    frozen = stages.run_stage("meta", _with(tiny, meta={"beta": 0.0}))
+    assert frozen.metrics["phi"]["max"] == 0.0 and frozen.metrics["phi"]["min"] == 0.0
+    with_prior = stages.run_stage("target", _with(tiny, regularizer={"prior": str(frozen.path)}))
+    plain = stages.run_stage("target", _with(tiny, regularizer={"form": "none"}))
+    assert with_prior.path != plain.path
+    a, b = with_prior.load_model().state_dict(), plain.load_model().state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert with_prior.metrics["test"]["epe_mm"] == plain.metrics["test"]["epe_mm"]
+
+
+@pytest.mark.parametrize("form", ["none", "l1", "l2", "weighted_l1", "weighted_l2"])
+def test_every_table2_regularizer_runs_on_the_target(tiny, form):
+    art = stages.run_stage("target", _with(tiny, regularizer={"form": form, "sigma": 1e-4}))
+    spec = art.meta["spec"]
+    assert spec["regularizer"]["form"] == form and spec["data"]["eval"]["domain"] == "stb-like"
+    assert ("meta" in art.meta["inputs"]) == form.startswith("weighted")
+    hist = art.metrics["history"]
+    assert len(hist) == 2 and "prior" in hist[0]["train"]
+    if form != "none":
+        assert hist[-1]["train"]["prior"] != 0.0
+
+
+def test_cli_target_with_explicit_prior_and_bad_inputs(tiny, tmp_path, capsys):
+    prior = stages.run_stage("meta", tiny)
+    base = ["train", "target", "--config", "smoke", "--out", tiny.run.store,
+            "--set", f"data.root={tiny.data.root}", "--set", "run.progress=none",
+            "--set", "data.source.num=200", "--set", "data.target.num=120",
+            "--set", "optim.batch_size=16", "--set", "epochs.target=1"]
+    assert cli.main(base + ["--set", "regularizer.form=weighted_l2",
+                            "--set", f"regularizer.prior={prior.path}"]) == 0
+    row = capsys.readouterr().out.splitlines()[-1].split()
+    assert row[0] == "target"
+    from pathlib import Path
+
+    target = stages.open_artifact(Path(row[-1]))
+    assert target.meta["inputs"]["meta"] == {"key": prior.key, "path": str(prior.path)}
+    # a prior learned for another backbone does not fit
+    assert cli.main(base + ["--set", f"regularizer.prior={prior.path}",
+                            "--set", "model.student=resnet18"]) == 2
+    assert "does not fit the resnet18 student" in capsys.readouterr().err
+    assert cli.main(base + ["--set", f"regularizer.prior={tmp_path}"]) == 2
+    assert "regularizer.prior" in capsys.readouterr().err
+
+
+def test_meta_needs_a_weighted_form(tiny):
+    with pytest.raises(UserError, match="meta stage learns phi of a weighted form"):
+        stages.run_stage("meta", _with(tiny, regularizer={"form": "l2"}, meta={"alpha": 1e-3}))
