@@ -4,6 +4,7 @@
     cmkg train {teacher,student,kd,meta,target} --config FILE|PRESET [--set key=value ...]
                [--out DIR]
     cmkg eval-predictions --pred P.npy --gt G.npy [--vis V.npy] [--root-relative]
+    cmkg figure params --without DIR --with DIR [--prior DIR] --out PNG   # Fig. 5
     cmkg config show --config FILE|PRESET [--set key=value ...]
 
 User errors (bad config, YAML, data, arguments) print one message naming the file and key and
@@ -63,6 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--vis", help="(N, 21) visibility (bool or 0/1); default: all visible")
     ev.add_argument("--root-relative", action="store_true",
                     help="subtract joint 0 (wrist) from both before comparing")
+
+    figure = sub.add_parser("figure", help="figures from finished stage folders").add_subparsers(
+        dest="figure_command", required=True, parser_class=_Parser)
+    f5 = figure.add_parser("params", help="Fig. 5: histograms of theta without / with R, and phi")
+    f5.add_argument("--without", required=True, help="target stage folder trained with form none")
+    f5.add_argument("--with", dest="with_", required=True,
+                    help="target stage folder trained with the learned prior")
+    f5.add_argument("--prior", help="the meta stage folder holding phi")
+    f5.add_argument("--out", required=True, help="PNG to write")
 
     cfg = sub.add_parser("config", help="inspect configs").add_subparsers(
         dest="config_command", required=True, parser_class=_Parser)
@@ -164,6 +174,14 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_figure(args) -> int:
+    from cmkg.report import fig5_from_artifacts
+
+    fig5_from_artifacts(args.without, args.with_, args.prior, args.out)
+    print(args.out)
+    return 0
+
+
 def _cmd_config_show(args) -> int:
     import yaml
 
@@ -174,7 +192,7 @@ def _cmd_config_show(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"data": _cmd_synth, "train": _cmd_train, "eval-predictions": _cmd_eval,
-                "config": _cmd_config_show}
+                "figure": _cmd_figure, "config": _cmd_config_show}
     try:
         return handlers[args.command](args)
     except UserError as e:

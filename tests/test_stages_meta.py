@@ -88,3 +88,23 @@ def test_cli_target_with_explicit_prior_and_bad_inputs(tiny, tmp_path, capsys):
 def test_meta_needs_a_weighted_form(tiny):
     with pytest.raises(UserError, match="meta stage learns phi of a weighted form"):
         stages.run_stage("meta", _with(tiny, regularizer={"form": "l2"}, meta={"alpha": 1e-3}))
+
+
+def test_fig5_histograms_from_artifacts(tiny, tmp_path):
+    from cmkg import report
+
+    prior = stages.run_stage("meta", tiny)
+    with_r = stages.run_stage("target", tiny)
+    without = stages.run_stage("target", _with(tiny, regularizer={"form": "none"}))
+    out = tmp_path / "fig5.png"
+    assert cli.main(["figure", "params", "--without", str(without.path), "--with",
+                     str(with_r.path), "--prior", str(prior.path), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
+    data = report.fig5_from_artifacts(without.path, with_r.path, prior.path, tmp_path / "b.png")
+    n = sum(p.numel() for n_, p in without.load_model().named_parameters()
+            if n_.endswith("weight") and p.dim() in (2, 4))
+    # the central 99.9 % of the weights fall inside the drawn range
+    assert 0.998 * n <= sum(data["theta_counts"]["w/o R"]) <= n
+    assert sum(data["phi_counts"]) >= 0.998 * prior.metrics["phi"]["count"]
+    assert cli.main(["figure", "params", "--without", str(tmp_path), "--with", str(with_r.path),
+                     "--out", str(tmp_path / "c.png")]) == 2
