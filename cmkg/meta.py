@@ -37,6 +37,8 @@ below). Three things keep a run finite, each tested:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -46,15 +48,22 @@ from cmkg.losses import distillation_loss, regression_loss
 from cmkg.regularizers import Regularizer
 
 Params = dict[str, Tensor]
+Reduce = Callable[[list[Tensor], bool], list[Tensor]]  # (tensors, differentiable) -> averaged
+
+
+def _local(tensors: list[Tensor], differentiable: bool = False) -> list[Tensor]:
+    return tensors
 
 
 def unroll(model: nn.Module, reg: Regularizer, theta0: Params, buffers: Params, x: Tensor,
            y: Tensor, *, alpha: float, steps: int, first_order: bool = False,
-           grad0: Params | None = None) -> Params:
+           grad0: Params | None = None, reduce: Reduce = _local) -> Params:
     """theta_l'' after ``steps`` differentiable SGD steps on F from ``theta0`` (Alg. 1, E-step).
 
     ``grad0``: grad L_REG(theta0) if the caller has it (from a shared forward); it carries no
-    graph because theta0 does not depend on phi."""
+    graph because theta0 does not depend on phi. ``reduce`` averages each step's grad L_REG over
+    data-parallel workers (``cmkg.parallel.mean_across``) so every worker unrolls the step of
+    the global batch."""
     theta = theta0
     for i in range(steps):
         if i == 0 and grad0 is not None:
@@ -63,7 +72,8 @@ def unroll(model: nn.Module, reg: Regularizer, theta0: Params, buffers: Params, 
             pred, _ = functional_call(model, {**theta, **buffers}, (x,))
             loss = regression_loss(pred, y)
             keep = not first_order and i > 0  # theta_0'' is a constant in phi
-            g = dict(zip(theta, torch.autograd.grad(loss, list(theta.values()), create_graph=keep)))
+            grads = torch.autograd.grad(loss, list(theta.values()), create_graph=keep)
+            g = dict(zip(theta, reduce(list(grads), keep)))
         r = reg.grad(theta)
         theta = {n: t - alpha * (g[n] + r[n]) if n in r else t - alpha * g[n]
                  for n, t in theta.items()}
@@ -86,18 +96,20 @@ def objective_g(student: nn.Module, adapter: nn.Module, params: Params, buffers:
 def meta_gradient(student: nn.Module, adapter: nn.Module, reg: Regularizer, batch: dict,
                   teacher_acts: list[Tensor], *, alpha: float, steps: int, first_order: bool,
                   losses: list[str], lambda_att: float, att_layers: list[int],
-                  grad0: Params | None = None) -> tuple[list[Tensor], Tensor]:
-    """d G(theta_l''(phi)) / d raw-phi at the student's current weights, and that G.
+                  grad0: Params | None = None, reduce: Reduce = _local,
+                  ) -> tuple[list[Tensor], Tensor]:
+    """d G(theta_l''(phi)) / d raw-phi at the student's current weights, and that G (this
+    worker's share; ``reduce`` averages the gradient over workers).
 
     Standalone (no updates), on cloned BatchNorm buffers: the gradient tests call it."""
     theta0 = {n: p.detach().requires_grad_() for n, p in student.named_parameters()}
     buffers = {n: b.clone() for n, b in student.named_buffers()}
     x, y = batch["rgb"], batch["target"]
     theta = unroll(student, reg, theta0, buffers, x, y, alpha=alpha, steps=steps,
-                   first_order=first_order, grad0=grad0)
+                   first_order=first_order, grad0=grad0, reduce=reduce)
     g = objective_g(student, adapter, theta, buffers, x, y, teacher_acts, losses=losses,
                     lambda_att=lambda_att, att_layers=att_layers)["G"]
-    return list(torch.autograd.grad(g, list(reg.raw))), g.detach()
+    return reduce(list(torch.autograd.grad(g, list(reg.raw))), False), g.detach()
 
 
 def meta_iteration(student: nn.Module, adapter: nn.Module, teacher: nn.Module,
@@ -105,9 +117,12 @@ def meta_iteration(student: nn.Module, adapter: nn.Module, teacher: nn.Module,
                    phi_opt: torch.optim.Optimizer, *, alpha: float, steps: int,
                    first_order: bool, losses: list[str], lambda_att: float,
                    att_layers: list[int], phi_clip: tuple[float, float] | None = None,
-                   ) -> dict[str, Tensor]:
+                   reduce: Reduce = _local) -> dict[str, Tensor]:
     """One iteration of Algorithm 1: updates phi (``phi_opt``, SGD with lr beta) and theta
-    (``theta_opt``, Adam) in place; returns the named parts for the logs."""
+    (``theta_opt``, Adam) in place; returns the named parts for the logs.
+
+    Data-parallel: pass ``reduce=cmkg.parallel.mean_across``; every gradient that feeds an update
+    (inner grad L_REG, the phi meta-gradient, grad G(theta_k)) is then the global-batch mean."""
     x, y = batch["rgb"], batch["target"]
     with torch.no_grad():
         _, t_acts = teacher(batch["depth"])  # serves steps 2 and 3
@@ -117,14 +132,20 @@ def meta_iteration(student: nn.Module, adapter: nn.Module, teacher: nn.Module,
     side = [p for p in adapter.parameters() if p.requires_grad]
     g_k = objective_g(student, adapter, params, {}, x, y, t_acts, losses=losses,
                       lambda_att=lambda_att, att_layers=att_layers)
-    grad_reg = torch.autograd.grad(g_k["reg"], list(params.values()), retain_graph=True)
+    grad_reg = reduce(list(torch.autograd.grad(g_k["reg"], list(params.values()),
+                                               retain_graph=True)), False)
     grad_dist = torch.autograd.grad(g_k["dist"], [*params.values(), *side], allow_unused=True)
+    present = [i for i, g in enumerate(grad_dist) if g is not None]
+    reduced = reduce([grad_dist[i] for i in present], False)
+    grad_dist = list(grad_dist)
+    for i, g in zip(present, reduced):
+        grad_dist[i] = g
 
     # -- steps 1-2: unroll l steps of F, then phi <- phi - beta grad_phi G(theta_l'') ------------
     phi_grads, g_inner = meta_gradient(
         student, adapter, reg, batch, t_acts, alpha=alpha, steps=steps, first_order=first_order,
         losses=losses, lambda_att=lambda_att, att_layers=att_layers,
-        grad0=dict(zip(params, grad_reg)))
+        grad0=dict(zip(params, grad_reg)), reduce=reduce)
     for r, g in zip(reg.raw, phi_grads):
         r.grad = g
     phi_norm = torch.sqrt(sum(g.pow(2).sum() for g in phi_grads))

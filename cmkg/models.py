@@ -62,3 +62,17 @@ def activation_adapter(student: PoseNet, teacher: PoseNet) -> nn.Module:
     needed when they differ (ResNet-18: 512 vs ResNet-50: 2048); identity otherwise."""
     s, t = student.channels[-1], teacher.channels[-1]
     return nn.Identity() if s == t else nn.Conv2d(s, t, kernel_size=1, bias=False)
+
+
+class StudentWithAdapter(nn.Module):
+    """The kd stage's trainable module: student plus L_ACT adapter behind one ``forward``, so a
+    data-parallel wrapper (DDP) sees and syncs both. Returns joints, activations and the
+    adapted last activation map."""
+
+    def __init__(self, student: PoseNet, adapter: nn.Module):
+        super().__init__()
+        self.student, self.adapter = student, adapter
+
+    def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor], Tensor]:
+        joints, acts = self.student(x)
+        return joints, acts, self.adapter(acts[-1])

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cmkg import __version__, models, regularizers
+from cmkg import __version__, models, parallel, regularizers
 from cmkg.atomic import torch_save, write_json, write_yaml
 from cmkg.config import Config, DataSpec, digest
 from cmkg.data import HandDataset, identity_collate, read_manifest, synth_source, synthesize
@@ -301,11 +301,13 @@ def build_stage(stage: str, cfg: Config, spec: dict, upstream: dict[str, Artifac
         model.load_state_dict(upstream["student"].load_model().state_dict())  # warm start
         teacher = upstream["teacher"].load_model(device).eval().requires_grad_(False)
         adapter = models.activation_adapter(model, teacher).to(device)
-        run.trainable = torch.nn.ModuleDict({"student": model, "adapter": adapter})
-        run.optimizers = [adam(run.trainable.parameters())]
         if stage == "kd":
-            run.loss_fn = distillation_objective(model, adapter, teacher, **asdict(cfg.distill))
-        else:
+            run.trainable = models.StudentWithAdapter(model, adapter)
+            run.optimizers = [adam(run.trainable.parameters())]
+            run.loss_fn = distillation_objective(run.trainable, teacher, **asdict(cfg.distill))
+        else:  # no DDP for Algorithm 1: gradients are averaged by hand (parallel.mean_across)
+            run.trainable = torch.nn.ModuleDict({"student": model, "adapter": adapter})
+            run.optimizers = [adam(run.trainable.parameters())]
             r, m = cfg.regularizer, cfg.meta
             if r.form not in WEIGHTED:
                 raise UserError(f"regularizer.form={r.form}: the meta stage learns phi of a "
@@ -321,7 +323,7 @@ def build_stage(stage: str, cfg: Config, spec: dict, upstream: dict[str, Artifac
             run.update = lambda batch: meta_iteration(
                 model, adapter, teacher, reg, batch, run.optimizers[0], phi_opt, alpha=m.alpha,
                 steps=m.inner_steps, first_order=m.first_order, phi_clip=clip,
-                **asdict(cfg.distill))
+                reduce=parallel.mean_across, **asdict(cfg.distill))
     else:  # target: a fresh student, F = L_REG + R(theta; phi_META) (Algorithm 2)
         r = cfg.regularizer
         if r.form in WEIGHTED:

@@ -63,21 +63,22 @@ def regularized_objective(model: nn.Module, reg: nn.Module) -> LossFn:
     return loss_fn
 
 
-def distillation_objective(student: nn.Module, adapter: nn.Module, teacher: nn.Module, *,
-                           losses: list[str], lambda_att: float, att_layers: list[int]) -> LossFn:
+def distillation_objective(net: nn.Module, teacher: nn.Module, *, losses: list[str],
+                           lambda_att: float, att_layers: list[int]) -> LossFn:
     """L_REG + L_DIST: the student sees RGB, the frozen teacher the paired depth map.
 
-    The teacher stays in eval mode, outside the optimizer, under ``no_grad``; ``adapter`` maps
-    the student's last activation to the teacher's width when they differ (ResNet-18 vs 50)."""
+    ``net`` is a ``StudentWithAdapter`` (or a data-parallel wrapper of one): its adapter maps the
+    student's last activation to the teacher's width when they differ (ResNet-18 vs 50). The
+    teacher stays in eval mode, outside the optimizer and the wrapper, under ``no_grad``."""
     picks = [i - 1 for i in att_layers]
 
     def loss_fn(batch):
-        pred, acts = student(batch["rgb"])
+        pred, acts, last = net(batch["rgb"])
         with torch.no_grad():
             _, t_acts = teacher(batch["depth"])
         reg = regression_loss(pred, batch["target"])
         parts = distillation_loss(
-            adapter(acts[-1]), t_acts[-1], [acts[i] for i in picks], [t_acts[i] for i in picks],
+            last, t_acts[-1], [acts[i] for i in picks], [t_acts[i] for i in picks],
             lambda_att=lambda_att, use_act="act" in losses, use_att="att" in losses)
         return {"loss": reg + parts["dist"], "reg": reg, **parts}
 

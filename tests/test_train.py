@@ -42,8 +42,8 @@ def test_kd_objective_sums_its_named_parts(tiny_data):
     student, teacher = models.build("resnet10", "rgb"), models.build("resnet10", "depth").eval()
     adapter = models.activation_adapter(student, teacher)
     assert isinstance(adapter, torch.nn.Identity)
-    loss_fn = distillation_objective(student, adapter, teacher, losses=["act", "att"],
-                                     lambda_att=1e3, att_layers=[1, 2, 3, 4])
+    loss_fn = distillation_objective(models.StudentWithAdapter(student, adapter), teacher,
+                                     losses=["act", "att"], lambda_att=1e3, att_layers=[1, 2, 3, 4])
     raw = HandDataset(tiny_data, "train", ("rgb", "depth")).__getitems__(list(range(8)))
     batch = prepare_batch(raw, torch.device("cpu"))
     parts = loss_fn(batch)
