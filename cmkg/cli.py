@@ -2,7 +2,7 @@
 
     cmkg data synth --domain NAME --num N --size PX --out DIR [--seed S]
     cmkg train {teacher,student,kd,meta,target} --config FILE|PRESET [--set key=value ...]
-               [--out DIR]
+               [--out DIR] [--workers N [--gpus-per-worker G] [--address ADDR]]
     cmkg eval-predictions --pred P.npy --gt G.npy [--vis V.npy] [--root-relative]
     cmkg figure params --without DIR --with DIR [--prior DIR] --out PNG   # Fig. 5
     cmkg config show --config FILE|PRESET [--set key=value ...]
@@ -57,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train and evaluate one stage (and its missing inputs)")
     train.add_argument("stage", choices=["teacher", "student", "kd", "meta", "target"])
     _add_config_args(train)
+    train.add_argument("--workers", type=int, default=0,
+                       help="Ray Train data-parallel workers; 0 (default) trains in-process")
+    train.add_argument("--gpus-per-worker", type=float, default=0.0)
+    train.add_argument("--address", help="Ray cluster to join (auto, host:port); default: "
+                       "RAY_ADDRESS, else a local Ray started for this command")
 
     ev = sub.add_parser("eval-predictions", help="EPE / PCK / AUC of saved predictions as JSON")
     ev.add_argument("--pred", required=True, help="(N, 21, 3) predictions, mm")
@@ -136,7 +141,15 @@ def _cmd_train(args) -> int:
     from cmkg.stages import run_stage
 
     cfg = _load_config(args)
-    run_stage(args.stage, cfg)
+    if args.workers < 0 or args.gpus_per_worker < 0:
+        raise UserError("--workers and --gpus-per-worker must be >= 0")
+    if args.workers == 0:
+        run_stage(args.stage, cfg)
+    else:
+        from cmkg.cluster.train import run_stage_ray
+
+        run_stage_ray(args.stage, cfg, workers=args.workers,
+                      gpus_per_worker=args.gpus_per_worker, address=args.address)
     print(_summary(cfg, args.stage))
     return 0
 

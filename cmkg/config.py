@@ -378,3 +378,13 @@ def load(config: str | None = None, overrides: list[str] | None = None) -> Confi
     if problems:
         raise ConfigError(" <- ".join(w for w, _ in layers), problems)
     return cfg
+
+
+def from_dict(data: dict, source: str = "config dict") -> Config:
+    """A ``Config`` from ``to_dict()`` output (how configs travel to remote workers)."""
+    problems: list[str] = []
+    cfg = _build(Config(), data, "", problems)
+    problems += validate(cfg)
+    if problems:
+        raise ConfigError(source, problems)
+    return cfg

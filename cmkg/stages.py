@@ -156,6 +156,13 @@ def ensure_dataset(spec: DataSpec, cfg: Config) -> Path:
     return out
 
 
+def stage_datasets(stage: str, cfg: Config) -> list[DataSpec]:
+    """The datasets a stage reads."""
+    if stage == "target":
+        return [cfg.data.target]
+    return [cfg.data.source] + ([cfg.data.augment] if cfg.data.augment else [])
+
+
 # ---------------------------------------------------------------------------------------------
 # Keys
 # ---------------------------------------------------------------------------------------------
@@ -265,11 +272,17 @@ class StageRun:
     train_roots: list[Path]
     eval_root: Path
     regularizer: Regularizer | None = None
+    wrapped: torch.nn.Module | None = None  # trainable as fit() drives it (DDP under Ray)
 
 
 def build_stage(stage: str, cfg: Config, spec: dict, upstream: dict[str, Artifact],
-                device: torch.device) -> StageRun:
-    """Datasets, networks, objective and optimizers of a stage (Sect. 3, Algorithms 1-2)."""
+                device: torch.device, wrap: Callable | None = None) -> StageRun:
+    """Datasets, networks, objective and optimizers of a stage (Sect. 3, Algorithms 1-2).
+
+    ``wrap`` (e.g. Ray Train's ``prepare_model``, i.e. DDP) wraps the trainable module of the
+    teacher, student, kd and target stages before their objectives are built on it; the meta
+    stage never takes it (Algorithm 1 averages its gradients by hand)."""
+    wrap = wrap or (lambda m: m)
     modality = MODALITY[stage]
     # -- data ------------------------------------------------------------------------------------
     if stage == "target":
@@ -295,7 +308,8 @@ def build_stage(stage: str, cfg: Config, spec: dict, upstream: dict[str, Artifac
     run = StageRun(stage, model, model, [], None, None, train_set, val_set, test_set,
                    train_roots, eval_root)
     if stage in ("teacher", "student"):
-        run.loss_fn = regression_objective(model, modality)
+        run.wrapped = wrap(model)
+        run.loss_fn = regression_objective(run.wrapped, modality)
         run.optimizers = [adam(model.parameters())]
     elif stage in ("kd", "meta"):
         model.load_state_dict(upstream["student"].load_model().state_dict())  # warm start
@@ -304,7 +318,8 @@ def build_stage(stage: str, cfg: Config, spec: dict, upstream: dict[str, Artifac
         if stage == "kd":
             run.trainable = models.StudentWithAdapter(model, adapter)
             run.optimizers = [adam(run.trainable.parameters())]
-            run.loss_fn = distillation_objective(run.trainable, teacher, **asdict(cfg.distill))
+            run.wrapped = wrap(run.trainable)
+            run.loss_fn = distillation_objective(run.wrapped, teacher, **asdict(cfg.distill))
         else:  # no DDP for Algorithm 1: gradients are averaged by hand (parallel.mean_across)
             run.trainable = torch.nn.ModuleDict({"student": model, "adapter": adapter})
             run.optimizers = [adam(run.trainable.parameters())]
@@ -342,59 +357,96 @@ def build_stage(stage: str, cfg: Config, spec: dict, upstream: dict[str, Artifac
         else:
             reg = regularizers.build(r.form, model, params=r.params, sigma=r.sigma)
         run.regularizer = reg = reg.to(device)
-        run.loss_fn = regularized_objective(model, reg)
+        run.wrapped = wrap(model)
+        run.loss_fn = regularized_objective(run.wrapped, reg, model)
         run.optimizers = [adam(model.parameters())]
+    if run.wrapped is None:
+        run.wrapped = run.trainable
     return run
+
+
+def make_loaders(run: StageRun, cfg: Config, device: torch.device, gen: torch.Generator):
+    """Train (shuffled with ``gen``), val and test loaders of a built stage."""
+    return (_loader(run.train_set, cfg.optim.batch_size, True, cfg, device, gen),
+            _loader(run.val_set, 256, False, cfg, device),
+            _loader(run.test_set, 256, False, cfg, device))
+
+
+def checkpoint_blob(run: StageRun, key: str, state: FitState, gen: torch.Generator) -> dict:
+    """Everything a resumed run needs: model(s), optimizers, phi, fit state, RNG states."""
+    return {"key": key, "model": run.trainable.state_dict(),
+            "optimizers": [o.state_dict() for o in run.optimizers], "state": state,
+            "loader_rng": gen.get_state(), "torch_rng": torch.get_rng_state()}
+
+
+def restore(run: StageRun, blob: dict, key: str, gen: torch.Generator) -> FitState | None:
+    """Load a checkpoint blob of the same stage key into ``run``; None if it is another's."""
+    if blob.get("key") != key:
+        return None
+    run.trainable.load_state_dict(blob["model"])
+    for opt, st in zip(run.optimizers, blob["optimizers"]):
+        opt.load_state_dict(st)
+    gen.set_state(blob["loader_rng"])
+    torch.set_rng_state(blob["torch_rng"])
+    return blob["state"]
+
+
+def partial_dir(store: Store, stage: str, key: str) -> tuple[Path, Path]:
+    final = store.final(stage, key)
+    return final, final.with_name(final.name + ".partial")
 
 
 def _train(stage: str, cfg: Config, key: str, spec: dict, upstream: dict[str, Artifact],
            store: Store) -> Artifact:
     device = resolve_device(cfg.run.device)
     torch.set_num_threads(cfg.run.threads or os.cpu_count() or 1)
-    modality = MODALITY[stage]
     run = build_stage(stage, cfg, spec, upstream, device)
     gen = torch.Generator().manual_seed(cfg.run.seed)
-    train_loader = _loader(run.train_set, cfg.optim.batch_size, True, cfg, device, gen)
-    val_loader = _loader(run.val_set, 256, False, cfg, device)
-    test_loader = _loader(run.test_set, 256, False, cfg, device)
+    train_loader, val_loader, test_loader = make_loaders(run, cfg, device, gen)
 
     # -- resume from the partial folder ----------------------------------------------------------
-    final = store.final(stage, key)
-    partial = final.with_name(final.name + ".partial")
+    final, partial = partial_dir(store, stage, key)
     partial.mkdir(parents=True, exist_ok=True)
     ckpt_path = partial / "checkpoint.pt"
     state = FitState()
     if ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if ckpt.get("key") == key:
-            run.trainable.load_state_dict(ckpt["model"])
-            for opt, st in zip(run.optimizers, ckpt["optimizers"]):
-                opt.load_state_dict(st)
-            state = ckpt["state"]
-            gen.set_state(ckpt["loader_rng"])
-            torch.set_rng_state(ckpt["torch_rng"])
+        resumed = restore(run, torch.load(ckpt_path, map_location=device, weights_only=False),
+                          key, gen)
+        if resumed is not None:
+            state = resumed
             _say(f"{stage}: resuming {partial} after epoch {state.epoch}/{spec['epochs']}")
 
     def checkpoint(st: FitState) -> None:
-        if run.regularizer is not None and stage == "meta":
+        if stage == "meta":
             check_phi(run.regularizer, stage, st.epoch)
-        torch_save(ckpt_path, {"key": key, "model": run.trainable.state_dict(),
-                               "optimizers": [o.state_dict() for o in run.optimizers],
-                               "state": st, "loader_rng": gen.get_state(),
-                               "torch_rng": torch.get_rng_state()})
+        torch_save(ckpt_path, checkpoint_blob(run, key, st, gen))
 
     # -- fit -------------------------------------------------------------------------------------
     started = time.time()
-    _say(f"{stage}: training {spec['arch']} on {modality} ({len(run.train_set)} train / "
+    _say(f"{stage}: training {spec['arch']} on {MODALITY[stage]} ({len(run.train_set)} train / "
          f"{len(run.val_set)} val samples, {spec['epochs']} epochs, {device}) -> {final}")
-    state = fit(run.trainable, run.loss_fn, train_loader,
-                run.optimizers[0] if run.update is None else None, spec["epochs"],
-                device=device, update=run.update,
-                validate=lambda: evaluate(run.model, val_loader, modality, device),
-                eval_every=cfg.run.eval_every, state=state, report=checkpoint, stage=stage,
-                progress=cfg.run.progress)
+    state = fit_stage(run, cfg, spec, train_loader, val_loader, device, state, checkpoint)
+    return publish(run, cfg, key, spec, upstream, state, test_loader, partial, final, device,
+                   started)
 
-    # -- evaluate the best weights and publish the artifact --------------------------------------
+
+def fit_stage(run: StageRun, cfg: Config, spec: dict, train_loader, val_loader,
+              device: torch.device, state: FitState, report: Callable) -> FitState:
+    """``fit()`` with the stage's objective or update step, validating on the eval set."""
+    return fit(run.wrapped, run.loss_fn, train_loader,
+               run.optimizers[0] if run.update is None else None, spec["epochs"],
+               device=device, update=run.update,
+               validate=lambda: evaluate(run.model, val_loader, MODALITY[run.stage], device),
+               eval_every=cfg.run.eval_every, state=state, report=report, stage=run.stage,
+               progress=cfg.run.progress)
+
+
+def publish(run: StageRun, cfg: Config, key: str, spec: dict, upstream: dict[str, Artifact],
+            state: FitState, test_loader, partial: Path, final: Path, device: torch.device,
+            started: float) -> Artifact:
+    """Evaluate the best weights on the test split and publish the artifact with one rename."""
+    stage, modality = run.stage, MODALITY[run.stage]
+    partial.mkdir(parents=True, exist_ok=True)
     prefix = "student." if run.trainable is not run.model else ""
     best = {k[len(prefix):]: v for k, v in state.best_state.items() if k.startswith(prefix)}
     run.model.load_state_dict(best)
@@ -421,7 +473,7 @@ def _train(stage: str, cfg: Config, key: str, spec: dict, upstream: dict[str, Ar
         "code_version": code_version(), "torch": torch.__version__, "device": str(device),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
         "duration_s": time.time() - started})
-    ckpt_path.unlink(missing_ok=True)
+    (partial / "checkpoint.pt").unlink(missing_ok=True)
     if final.exists():  # another process finished the same stage first: keep theirs
         shutil.rmtree(partial, ignore_errors=True)
     else:

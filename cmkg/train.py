@@ -51,13 +51,17 @@ def regression_objective(model: nn.Module, modality: str) -> LossFn:
     return loss_fn
 
 
-def regularized_objective(model: nn.Module, reg: nn.Module) -> LossFn:
-    """F = L_REG + R(theta) (Eq. 9; Algorithm 2 with phi frozen): RGB student on the target."""
+def regularized_objective(model: nn.Module, reg: nn.Module, params_of: nn.Module | None = None,
+                          ) -> LossFn:
+    """F = L_REG + R(theta) (Eq. 9; Algorithm 2 with phi frozen): RGB student on the target.
+
+    ``params_of``: the bare module whose parameters R reads when ``model`` is a DDP wrapper."""
+    params_of = params_of or model
 
     def loss_fn(batch):
         pred, _ = model(batch["rgb"])
         reg_loss = regression_loss(pred, batch["target"])
-        prior = reg(dict(model.named_parameters()))
+        prior = reg(dict(params_of.named_parameters()))
         return {"loss": reg_loss + prior, "reg": reg_loss, "prior": prior}
 
     return loss_fn

@@ -36,7 +36,8 @@ def prepare_batch(batch: dict[str, torch.Tensor], device: torch.device) -> dict[
     """Move a batch to ``device``; uint8 RGB (B, S, S, 3) becomes normalised (B, 3, S, S) there."""
     out = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     if "rgb" in out and out["rgb"].dtype == torch.uint8:
-        out["rgb"] = (out["rgb"].permute(0, 3, 1, 2).float() / 255.0 - 0.5) / 0.25
+        rgb = out["rgb"].permute(0, 3, 1, 2).float().contiguous()  # NCHW, as the convs expect
+        out["rgb"] = (rgb / 255.0 - 0.5) / 0.25
     return out
 
 

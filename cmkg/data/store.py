@@ -268,6 +268,23 @@ def synthesize(out: str | Path, domain: str, num: int, size: int, seed: int = 0,
         out.rmdir()
     counts = split_counts(num, split)
     start = time.perf_counter()
+    try:
+        _render_into(out, source, domain, seed, size, counts, shard_size, progress, start)
+    except OSError:
+        # another process (a second worker) published the same dataset first: use theirs
+        if (out / "manifest.json").exists() and read_manifest(out).get("key") == config_key(source):
+            return read_manifest(out)
+        raise
+    if progress:
+        rate = num / (time.perf_counter() - start)
+        print(f"\rsynth {domain}: {num} samples at {size}px in {out} ({rate:.0f}/s)",
+              file=sys.stderr, flush=True)
+    return read_manifest(out)
+
+
+def _render_into(out: Path, source: dict, domain: str, seed: int, size: int,
+                 counts: dict[str, int], shard_size: int, progress: bool, start: float) -> None:
+    num = sum(counts.values())
     done = 0
     with DatasetWriter(out, source, size, with_depth=True, shard_size=shard_size) as writer:
         first = 0
@@ -281,11 +298,6 @@ def synthesize(out: str | Path, domain: str, num: int, size: int, seed: int = 0,
                     print(f"\rsynth {domain}: {done}/{num} samples ({rate:.0f}/s)", end="",
                           file=sys.stderr, flush=True)
             first += counts[name]
-    if progress:
-        rate = num / (time.perf_counter() - start)
-        print(f"\rsynth {domain}: {num} samples at {size}px in {out} ({rate:.0f}/s)",
-              file=sys.stderr, flush=True)
-    return read_manifest(out)
 
 
 def joint_targets(joints3d: np.ndarray) -> dict[str, np.ndarray]:

@@ -1,0 +1,1 @@
+"""The Ray layer: Ray Train drivers (and, next, sweeps and the ablation runner)."""

@@ -1,0 +1,173 @@
+"""Stages under Ray Train: ``TorchTrainer`` with N data-parallel workers, checkpoints through
+``ray.train.report``, resume through ``ray.train.get_checkpoint`` and a stable run name.
+
+The worker loop is the project's own code (``stages.build_stage``, ``train.fit``,
+``stages.publish``) with three Ray calls marked ``# ray``: DDP via ``prepare_model`` for the
+teacher, student, kd and target stages (the meta stage keeps the bare module and averages its
+gradients by hand, see ``cmkg.parallel``), ``prepare_data_loader`` for the distributed sampler,
+and ``report`` for the per-epoch checkpoint. Rank 0 publishes the artifact into the store, which
+must be shared by all nodes on a cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from cmkg import stages
+from cmkg.config import Config, from_dict
+from cmkg.errors import UserError
+from cmkg.stages import Artifact, Store
+
+CKPT = "checkpoint.pt"
+
+
+def init_ray(address: str | None, num_cpus: int | None = None) -> None:
+    """Join ``address`` (``auto``, ``ray://...``, ``host:port``) or start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                 log_to_driver=True)
+
+
+def preflight(workers: int, cpus_per_worker: float, gpus_per_worker: float) -> None:
+    """Fail in one message when the workers cannot fit the cluster (instead of pending forever)."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    total_cpu = sum(n["Resources"].get("CPU", 0) for n in nodes)
+    total_gpu = sum(n["Resources"].get("GPU", 0) for n in nodes)
+    per_node = [(n["Resources"].get("CPU", 0), n["Resources"].get("GPU", 0)) for n in nodes]
+    fits = sum(int(min(c // cpus_per_worker if cpus_per_worker else workers,
+                       g // gpus_per_worker if gpus_per_worker else workers)) for c, g in per_node)
+    if fits < workers:
+        raise UserError(
+            f"--workers {workers} with {cpus_per_worker:g} CPU and {gpus_per_worker:g} GPU each "
+            f"cannot fit this Ray cluster ({len(nodes)} node(s), {total_cpu:g} CPUs, "
+            f"{total_gpu:g} GPUs in all; at most {fits} such workers fit). Lower --workers, "
+            "--gpus-per-worker or run.threads, or add nodes.")
+
+
+def _worker_loop(config: dict) -> None:
+    import ray.train  # ray
+    import ray.train.torch  # ray
+
+    cfg = from_dict(config["cfg"])
+    stage, key, spec = config["stage"], config["key"], config["spec"]
+    upstream = {d: stages.open_artifact(p) for d, p in config["upstream"].items()}
+    ctx = ray.train.get_context()  # ray
+    rank = ctx.get_world_rank()
+    torch.set_num_threads(max(1, int(config["threads"])))
+    device = ray.train.torch.get_device()  # ray
+    wrap = None if stage == "meta" else ray.train.torch.prepare_model  # ray: DDP
+    run = stages.build_stage(stage, cfg, spec, upstream, device, wrap=wrap)
+    if stage == "meta":
+        from cmkg.parallel import broadcast_module
+
+        broadcast_module(run.trainable)
+    gen = torch.Generator().manual_seed(cfg.run.seed)
+    train_loader, val_loader, test_loader = stages.make_loaders(run, cfg, device, gen)
+    train_loader = ray.train.torch.prepare_data_loader(train_loader)  # ray: distributed sampler
+
+    state = stages.FitState()
+    checkpoint = ray.train.get_checkpoint()  # ray: resume after a failure or a rerun
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            blob = torch.load(Path(d) / CKPT, map_location=device, weights_only=False)
+        state = stages.restore(run, blob, key, gen) or state
+
+    def report(st: stages.FitState) -> None:
+        if stage == "meta":
+            stages.check_phi(run.regularizer, stage, st.epoch)
+        metrics = {"epoch": st.epoch, **st.history[-1]["train"],
+                   **{f"val_{k}": v for k, v in st.history[-1].get("val", {}).items()}}
+        with tempfile.TemporaryDirectory() as d:
+            if rank == 0:
+                torch.save(stages.checkpoint_blob(run, key, st, gen), Path(d) / CKPT)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+            else:
+                ray.train.report(metrics)  # ray: every worker reports each epoch
+
+    import time
+
+    started = time.time()
+    state = stages.fit_stage(run, cfg, spec, train_loader, val_loader, device, state, report)
+    if rank == 0:
+        final, partial = stages.partial_dir(Store(cfg.run.store), stage, key)
+        stages.publish(run, cfg, key, spec, upstream, state, test_loader, partial, final,
+                       device, started)
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """The config with every path made absolute: Ray workers run in folders of their own."""
+    from dataclasses import replace
+
+    def ab(p):
+        return None if p is None else str(Path(p).expanduser().resolve())
+
+    data = cfg.data
+    specs = {k: replace(getattr(data, k), path=ab(getattr(data, k).path))
+             for k in ("source", "target")}
+    if data.augment is not None:
+        specs["augment"] = replace(data.augment, path=ab(data.augment.path))
+    return replace(cfg, data=replace(data, root=ab(data.root), **specs),
+                   run=replace(cfg.run, store=ab(cfg.run.store)),
+                   inputs=replace(cfg.inputs, teacher=ab(cfg.inputs.teacher),
+                                  student=ab(cfg.inputs.student)),
+                   regularizer=replace(cfg.regularizer, prior=ab(cfg.regularizer.prior)))
+
+
+def run_stage_ray(stage: str, cfg: Config, *, workers: int, gpus_per_worker: float = 0.0,
+                  address: str | None = None, max_failures: int = 3) -> Artifact:
+    """Run ``stage`` (and missing upstream stages, each the same way) under Ray Train."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cfg = absolute_paths(cfg)
+    store = Store(cfg.run.store)
+    key, spec, inputs = stages.stage_key(stage, cfg)
+    done = store.get(stage, key)
+    if done is not None:
+        stages._say(f"{stage}: cached {done.path}")
+        return done
+    upstream = {d: a or run_stage_ray(d, cfg, workers=workers, gpus_per_worker=gpus_per_worker,
+                                      address=address, max_failures=max_failures)
+                for d, a in inputs.items()}
+    for spec_ in stages.stage_datasets(stage, cfg):  # render once here, not in every worker
+        stages.ensure_dataset(spec_, cfg)
+    init_ray(address)
+    import ray
+
+    cpus = float(ray.cluster_resources().get("CPU", 1))
+    threads = cfg.run.threads or max(1, int(cpus // workers))  # the worker's CPU share
+    preflight(workers, threads, gpus_per_worker)
+    storage = Path(cfg.run.store).resolve() / "_ray"
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={"cfg": cfg.to_dict(), "stage": stage, "key": key, "spec": spec,
+                           "upstream": {d: str(a.path) for d, a in upstream.items()},
+                           "threads": threads},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0,
+                                     resources_per_worker={"CPU": threads,
+                                                           "GPU": gpus_per_worker}),
+        run_config=RunConfig(name=f"{stage}-{key[:20]}", storage_path=str(storage),
+                             failure_config=FailureConfig(max_failures=max_failures)),
+    )
+    stages._say(f"{stage}: Ray Train, {workers} worker(s) x {threads} CPU"
+                f"{f' + {gpus_per_worker:g} GPU' if gpus_per_worker else ''} -> "
+                f"{store.final(stage, key)}")
+    trainer.fit()
+    art = store.get(stage, key)
+    if art is None:
+        raise RuntimeError(f"{stage}: Ray Train finished but {store.final(stage, key)} is missing; "
+                           "is run.store on storage every node shares?")
+    return art

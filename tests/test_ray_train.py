@@ -1,0 +1,47 @@
+"""Stages under Ray Train on a Ray started by the test (never a stray cluster)."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from cmkg import stages
+from cmkg.errors import UserError
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray = pytest.importorskip("ray")
+    saved = os.environ.pop("RAY_ADDRESS", None)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+    if saved is not None:
+        os.environ["RAY_ADDRESS"] = saved
+
+
+def test_two_workers_publish_the_same_artifact_as_in_process(local_ray, tiny_cfg):
+    from cmkg.cluster.train import run_stage_ray
+
+    art = run_stage_ray("teacher", tiny_cfg, workers=2, max_failures=0)
+    key, spec, _ = stages.stage_key("teacher", tiny_cfg)
+    assert art.key == key and art.meta["spec"] == spec  # same key: same cache as in-process
+    history = art.metrics["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert all(h["train"]["loss"] > 0 for h in history)
+    assert art.metrics["test"]["epe_mm"] > 0 and (art.path / "model.pt").is_file()
+    # a second request is a cache hit, with or without Ray
+    assert stages.run_stage("teacher", tiny_cfg).path == art.path
+    # Ray Train kept per-epoch checkpoints under the store for resumption
+    assert list(Path(tiny_cfg.run.store, "_ray").rglob("checkpoint_*/checkpoint.pt"))
+
+
+def test_preflight_refuses_workers_that_cannot_fit(local_ray, tiny_cfg):
+    from cmkg.cluster.train import run_stage_ray
+
+    with pytest.raises(UserError, match=r"--workers 5 .* cannot fit this Ray cluster"):
+        run_stage_ray("student", tiny_cfg, workers=5)
+    with pytest.raises(UserError, match="GPU"):
+        run_stage_ray("student", tiny_cfg, workers=1, gpus_per_worker=1)
