@@ -45,3 +45,4 @@ def test_preflight_refuses_workers_that_cannot_fit(local_ray, tiny_cfg):
         run_stage_ray("student", tiny_cfg, workers=5)
     with pytest.raises(UserError, match="GPU"):
         run_stage_ray("student", tiny_cfg, workers=1, gpus_per_worker=1)
+

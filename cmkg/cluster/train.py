@@ -129,7 +129,7 @@ def absolute_paths(cfg: Config) -> Config:
 def run_stage_ray(stage: str, cfg: Config, *, workers: int, gpus_per_worker: float = 0.0,
                   address: str | None = None, max_failures: int = 3) -> Artifact:
     """Run ``stage`` (and missing upstream stages, each the same way) under Ray Train."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     cfg = absolute_paths(cfg)
@@ -159,8 +159,11 @@ def run_stage_ray(stage: str, cfg: Config, *, workers: int, gpus_per_worker: flo
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0,
                                      resources_per_worker={"CPU": threads,
                                                            "GPU": gpus_per_worker}),
+        # a stable name per stage key: rerunning the same command resumes from the latest
+        # checkpoint that Ray Train keeps there (ray.train.get_checkpoint in the workers)
         run_config=RunConfig(name=f"{stage}-{key[:20]}", storage_path=str(storage),
-                             failure_config=FailureConfig(max_failures=max_failures)),
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
     stages._say(f"{stage}: Ray Train, {workers} worker(s) x {threads} CPU"
                 f"{f' + {gpus_per_worker:g} GPU' if gpus_per_worker else ''} -> "
