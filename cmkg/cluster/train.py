@@ -148,7 +148,9 @@ def run_stage_ray(stage: str, cfg: Config, *, workers: int, gpus_per_worker: flo
     import ray
 
     cpus = float(ray.cluster_resources().get("CPU", 1))
-    threads = cfg.run.threads or max(1, int(cpus // workers))  # the worker's CPU share
+    biggest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)
+    # the worker's CPU share, no more than one node holds
+    threads = cfg.run.threads or max(1, int(min(cpus // workers, biggest)))
     preflight(workers, threads, gpus_per_worker)
     storage = Path(cfg.run.store).resolve() / "_ray"
     trainer = TorchTrainer(

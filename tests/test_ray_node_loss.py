@@ -1,0 +1,62 @@
+"""Fault tolerance on a real multi-node Ray cluster on this machine: a head without CPUs and two
+1-CPU worker nodes; the node running the training worker is removed mid-run; Ray Train restarts
+the worker on the other node from the last checkpoint and the stage completes."""
+
+import json
+import os
+import threading
+import time
+
+import pytest
+
+pytestmark = pytest.mark.ray
+
+
+def test_losing_the_workers_node_resumes_from_the_last_checkpoint(tmp_path):
+    ray = pytest.importorskip("ray")
+    from ray._private.state import available_resources_per_node
+    from ray.cluster_utils import Cluster
+
+    from cmkg import config
+    from cmkg.cluster.train import run_stage_ray
+
+    saved = os.environ.pop("RAY_ADDRESS", None)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        cfg = config.load("smoke", [
+            "data.source.num=240", "optim.batch_size=16", "epochs.teacher=20",
+            f"data.root={tmp_path / 'data'}", f"run.store={tmp_path / 'runs'}",
+            "run.progress=none"])
+        out = {}
+
+        def train():
+            try:
+                out["art"] = run_stage_ray("teacher", cfg, workers=1, max_failures=3)
+            except Exception as e:  # noqa: BLE001 - reported below
+                out["err"] = e
+
+        thread = threading.Thread(target=train)
+        thread.start()
+        deadline = time.time() + 240
+        while time.time() < deadline and "err" not in out and \
+                len(list((tmp_path / "runs").glob("_ray/*/checkpoint_*"))) < 2:
+            time.sleep(0.5)
+        assert "err" not in out, out.get("err")
+        free = available_resources_per_node()
+        busy = [n for n in nodes if free.get(n.node_id, {}).get("CPU", 0) < 1]
+        assert len(busy) == 1  # the training worker holds that node's only CPU
+        cluster.remove_node(busy[0])
+        thread.join(timeout=400)
+        assert not thread.is_alive() and "err" not in out, out.get("err")
+        metrics = json.loads((out["art"].path / "metrics.json").read_text())
+        assert [h["epoch"] for h in metrics["history"]] == list(range(1, 21))
+        assert all(h["train"]["loss"] == h["train"]["loss"] for h in metrics["history"])  # no NaN
+        assert 0 < metrics["test"]["epe_mm"] < 1e4
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        if saved is not None:
+            os.environ["RAY_ADDRESS"] = saved
+
