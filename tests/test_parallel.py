@@ -81,6 +81,7 @@ def _worker(rank, world, port, out, mode):
         if rank == 0:
             torch.save({"params": {k: v.clone() for k, v in student.state_dict().items()},
                         **extra}, out)
+        dist.barrier()  # leave together: a rank exiting while gloo still talks to it aborts
     finally:
         dist.destroy_process_group()
 
