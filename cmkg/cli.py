@@ -118,7 +118,7 @@ def _summary(cfg, stage: str) -> str:
             out += [d for d in chain(dep) if d not in out]
         return out + [name]
 
-    store = Store(cfg.run.store)
+    store = Store.of(cfg)
     rows = []
     for name in chain(stage):
         art = store.get(name, stage_key(name, cfg)[0])
@@ -129,7 +129,7 @@ def _summary(cfg, stage: str) -> str:
         test_set = cfg.data.target if name == "target" else cfg.data.source
         rows.append((name, spec["arch"], spec["modality"], test_set.path or test_set.domain,
                      f"{t['epe_mm']:.2f}", f"{t['auc_20_50']:.3f}",
-                     f"{base['epe_mm']:.2f}" if base else "-", str(art.path)))
+                     f"{base['epe_mm']:.2f}" if base else "-", store.describe(name, art.key)))
     head = ("stage", "backbone", "input", "test set", "EPE mm", "AUC 20-50", "mean-pose EPE",
             "artifact")
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]

@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from cmkg.errors import ConfigError
+from cmkg.storage import is_uri
 
 PRESET_DIR = Path(__file__).parent / "presets"
 PRESETS = ("smoke", "cpu", "paper")
@@ -116,7 +117,8 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # torch intra-op threads; 0 = all cores
-    store: str = "runs"  # artifact store (local folder)
+    store: str = "runs"  # artifact store: a local folder or a pyarrow URI (s3://, gs://, ...)
+    cache: str | None = None  # local mirror of a remote store; default ~/.cache/cmkg/store/<hash>
     loader_workers: int = 0
     eval_every: int = 1
     progress: str = "auto"  # auto (bar on a terminal, lines otherwise) | lines | none
@@ -233,7 +235,9 @@ def validate(cfg: Config) -> list[str]:
     if cfg.data.augment is not None:
         specs.append(("data.augment", cfg.data.augment))
     for name, spec in specs:
-        if spec.path is not None:
+        if is_uri(spec.path):
+            pass  # checked when first read (a network round trip)
+        elif spec.path is not None:
             check(Path(spec.path, "manifest.json").is_file(), f"{name}.path",
                   f"{spec.path!r} is not a cmkg dataset folder (no manifest.json)")
         else:
@@ -271,7 +275,7 @@ def validate(cfg: Config) -> list[str]:
           "must be > 0 with phi_param=softplus")
     check(r.phi_clip is None or (len(r.phi_clip) == 2 and r.phi_clip[0] < r.phi_clip[1]),
           "regularizer.phi_clip", f"must be null or [low, high] with low < high, got {r.phi_clip}")
-    if r.prior is not None:
+    if r.prior is not None and not is_uri(r.prior):
         check(Path(r.prior, "phi.pt").is_file(), "regularizer.prior",
               f"{r.prior!r} is not a finished meta stage folder (no phi.pt)")
     m = cfg.meta
@@ -281,7 +285,7 @@ def validate(cfg: Config) -> list[str]:
     check(m.phi_optimizer in ("sgd", "adam"), "meta.phi_optimizer", "must be sgd or adam")
     for role in ("teacher", "student"):
         path = getattr(cfg.inputs, role)
-        if path is not None:
+        if path is not None and not is_uri(path):
             check(Path(path, "model.pt").is_file(), f"inputs.{role}",
                   f"{path!r} is not a finished stage folder (no model.pt)")
     dev = cfg.run.device

@@ -39,10 +39,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs as pafs
 import torch
 
-from cmkg import __version__, models, parallel, regularizers
-from cmkg.atomic import torch_save, write_json, write_yaml
+from cmkg import __version__, models, parallel, regularizers, storage
+from cmkg.atomic import atomic_path, torch_save, write_json, write_yaml
 from cmkg.config import Config, DataSpec, digest
 from cmkg.data import HandDataset, identity_collate, read_manifest, synth_source, synthesize
 from cmkg.errors import DataError, UserError
@@ -101,8 +102,12 @@ class Artifact:
         return net.to(device)
 
 
-def open_artifact(path: str | Path) -> Artifact:
-    """A finished stage folder given by path (``inputs.teacher`` and friends)."""
+def open_artifact(path: str | Path, cfg: Config | None = None, key: str = "inputs") -> Artifact:
+    """A finished stage folder given by path or URI (``inputs.teacher``, ``regularizer.prior``);
+    a URI is mirrored into ``{data.root}/artifacts`` first."""
+    if storage.is_uri(path):
+        root = Path(cfg.data.root if cfg else "data") / "artifacts"
+        path = storage.mirror(str(path), root, key, storage.COMMIT_FILE)
     path = Path(path)
     try:
         meta = json.loads((path / "meta.json").read_text())
@@ -140,13 +145,24 @@ def resolve_device(name: str) -> torch.device:
 def dataset_identity(spec: DataSpec, cfg: Config) -> dict:
     """What a stage key records of a dataset: the generator config (content address of a
     synthetic set, known before rendering) or the fingerprint of a shard folder."""
+    if storage.is_uri(spec.path):  # read the remote manifest only; the shards come later
+        fs, path = storage.open_uri(spec.path, "data path")
+        try:
+            manifest = json.loads(storage.read_bytes(fs, f"{path}/manifest.json"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise DataError(f"{spec.path}: not a readable cmkg dataset ({e})") from None
+        return {"fingerprint": manifest["fingerprint"]}
     if spec.path is not None:
         return {"fingerprint": read_manifest(spec.path)["fingerprint"]}
     return synth_source(spec.domain, spec.num, spec.size, spec.seed, tuple(cfg.data.split))
 
 
 def ensure_dataset(spec: DataSpec, cfg: Config) -> Path:
-    """The folder of a dataset, rendering a synthetic one into the cache on first use."""
+    """The local folder of a dataset: a synthetic one is rendered into ``data.root`` on first
+    use, one given by URI is downloaded into ``{data.root}/remote`` on first use."""
+    if storage.is_uri(spec.path):
+        return storage.mirror(spec.path, Path(cfg.data.root) / "remote", "data path",
+                              "manifest.json")
     if spec.path is not None:
         return Path(spec.path)
     source = synth_source(spec.domain, spec.num, spec.size, spec.seed, tuple(cfg.data.split))
@@ -208,24 +224,93 @@ def stage_key(stage: str, cfg: Config) -> tuple[str, dict, dict[str, Artifact | 
     keys: dict[str, str] = {}
     for dep in depends(stage, cfg):
         explicit = _explicit_input(dep, cfg)
-        inputs[dep] = open_artifact(explicit) if explicit else None
+        role = "regularizer.prior" if dep == "meta" else f"inputs.{dep}"
+        inputs[dep] = open_artifact(explicit, cfg, role) if explicit else None
         keys[dep] = inputs[dep].key if inputs[dep] else stage_key(dep, cfg)[0]
     spec = stage_spec(stage, cfg, keys)
     return digest(spec), spec, inputs
 
 
 class Store:
-    """Artifacts on the local file system under ``root/{stage}/{key}``."""
+    """Artifacts under ``root/{stage}/{key[:20]}``: a local folder, or a pyarrow filesystem URI
+    mirrored into the local ``cache`` (see ``cmkg.storage``). ``final`` is always the local
+    folder a stage publishes into and readers open."""
 
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
+    def __init__(self, root: str | Path, cache: str | Path | None = None,
+                 filesystem: pafs.FileSystem | None = None):
+        self.uri = str(root)
+        self.fs, self.base = None, None
+        if filesystem is not None:
+            self.fs, self.base = filesystem, str(root).rstrip("/")
+        elif storage.is_uri(root):
+            self.fs, self.base = storage.open_uri(str(root), "run.store")
+        if self.fs is None:
+            self.root = Path(root)
+        else:
+            default = Path("~/.cache/cmkg/store") / storage.short_hash(self.uri)
+            self.root = Path(cache or default).expanduser()
+
+    @classmethod
+    def of(cls, cfg: Config) -> Store:
+        return cls(cfg.run.store, cfg.run.cache)
+
+    @property
+    def remote(self) -> bool:
+        return self.fs is not None
 
     def final(self, stage: str, key: str) -> Path:
         return self.root / stage / key[:20]
 
+    def location(self, stage: str, key: str) -> str:
+        """Where the artifact lives for users: the remote path, or the local folder."""
+        return f"{self.base}/{stage}/{key[:20]}" if self.remote else str(self.final(stage, key))
+
+    def describe(self, stage: str, key: str) -> str:
+        """The artifact's place for messages: ``scheme://path`` (no credentials) or a folder."""
+        if self.remote:
+            return f"{self.uri.split('://', 1)[0]}://{self.location(stage, key)}"
+        return str(self.final(stage, key))
+
     def get(self, stage: str, key: str) -> Artifact | None:
         path = self.final(stage, key)
-        return Artifact(stage, key, path) if (path / "meta.json").is_file() else None
+        if (path / storage.COMMIT_FILE).is_file():
+            self.commit(stage, key)  # a mirror whose upload was interrupted: finish it
+            return Artifact(stage, key, path)
+        if self.remote and storage.exists(self.fs, f"{self.location(stage, key)}/"
+                                                   f"{storage.COMMIT_FILE}"):
+            storage.download_dir(self.fs, self.location(stage, key), path)
+            return Artifact(stage, key, path)
+        return None
+
+    def commit(self, stage: str, key: str) -> None:
+        """Upload a published local artifact to a remote store (no-op for a local one)."""
+        if not self.remote:
+            return
+        where = self.location(stage, key)
+        if not storage.exists(self.fs, f"{where}/{storage.COMMIT_FILE}"):
+            storage.upload_dir(self.final(stage, key), self.fs, where)
+        if storage.exists(self.fs, f"{where}.partial"):  # the resumable checkpoint is spent
+            self.fs.delete_dir(f"{where}.partial")
+
+    def push_checkpoint(self, stage: str, key: str, local: Path) -> None:
+        """Copy the in-process checkpoint to the remote store, so another machine can resume."""
+        if self.remote:
+            where = f"{self.location(stage, key)}.partial/{local.name}"
+            storage.upload_file(local, self.fs, where)
+
+    def pull_checkpoint(self, stage: str, key: str, local: Path) -> None:
+        """Fetch the remote checkpoint when this machine has none."""
+        remote = f"{self.location(stage, key)}.partial/{local.name}"
+        if self.remote and not local.is_file() and storage.exists(self.fs, remote):
+            with atomic_path(local) as tmp:
+                pafs.copy_files(remote, str(tmp), source_filesystem=self.fs,
+                                destination_filesystem=pafs.LocalFileSystem())
+
+    def ray_storage(self) -> tuple[str, pafs.FileSystem | None]:
+        """(storage_path, storage_filesystem) for Ray Train's checkpoints: ``{root}/_ray``."""
+        if self.remote:
+            return f"{self.base}/_ray", self.fs
+        return str(self.root.resolve() / "_ray"), None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,7 +323,7 @@ def _say(msg: str) -> None:
 
 def run_stage(stage: str, cfg: Config, store: Store | None = None) -> Artifact:
     """Run ``stage`` (and, first, any upstream stage the store lacks); return its artifact."""
-    store = store or Store(cfg.run.store)
+    store = store or Store.of(cfg)
     key, spec, inputs = stage_key(stage, cfg)
     done = store.get(stage, key)
     if done is not None:
@@ -408,6 +493,7 @@ def _train(stage: str, cfg: Config, key: str, spec: dict, upstream: dict[str, Ar
     final, partial = partial_dir(store, stage, key)
     partial.mkdir(parents=True, exist_ok=True)
     ckpt_path = partial / "checkpoint.pt"
+    store.pull_checkpoint(stage, key, ckpt_path)
     state = FitState()
     if ckpt_path.is_file():
         resumed = restore(run, torch.load(ckpt_path, map_location=device, weights_only=False),
@@ -420,14 +506,15 @@ def _train(stage: str, cfg: Config, key: str, spec: dict, upstream: dict[str, Ar
         if stage == "meta":
             check_phi(run.regularizer, stage, st.epoch)
         torch_save(ckpt_path, checkpoint_blob(run, key, st, gen))
+        store.push_checkpoint(stage, key, ckpt_path)
 
     # -- fit -------------------------------------------------------------------------------------
     started = time.time()
     _say(f"{stage}: training {spec['arch']} on {MODALITY[stage]} ({len(run.train_set)} train / "
-         f"{len(run.val_set)} val samples, {spec['epochs']} epochs, {device}) -> {final}")
+         f"{len(run.val_set)} val samples, {spec['epochs']} epochs, {device}) -> "
+         f"{store.describe(stage, key)}")
     state = fit_stage(run, cfg, spec, train_loader, val_loader, device, state, checkpoint)
-    return publish(run, cfg, key, spec, upstream, state, test_loader, partial, final, device,
-                   started)
+    return publish(run, cfg, key, spec, upstream, state, test_loader, store, device, started)
 
 
 def fit_stage(run: StageRun, cfg: Config, spec: dict, train_loader, val_loader,
@@ -442,10 +529,12 @@ def fit_stage(run: StageRun, cfg: Config, spec: dict, train_loader, val_loader,
 
 
 def publish(run: StageRun, cfg: Config, key: str, spec: dict, upstream: dict[str, Artifact],
-            state: FitState, test_loader, partial: Path, final: Path, device: torch.device,
+            state: FitState, test_loader, store: Store, device: torch.device,
             started: float) -> Artifact:
-    """Evaluate the best weights on the test split and publish the artifact with one rename."""
+    """Evaluate the best weights on the test split and publish the artifact with one rename
+    (then, for a remote store, upload it)."""
     stage, modality = run.stage, MODALITY[run.stage]
+    final, partial = partial_dir(store, stage, key)
     partial.mkdir(parents=True, exist_ok=True)
     prefix = "student." if run.trainable is not run.model else ""
     best = {k[len(prefix):]: v for k, v in state.best_state.items() if k.startswith(prefix)}
@@ -478,7 +567,9 @@ def publish(run: StageRun, cfg: Config, key: str, spec: dict, upstream: dict[str
         shutil.rmtree(partial, ignore_errors=True)
     else:
         os.rename(partial, final)
-    _say(f"{stage}: test EPE {test['epe_mm']:.2f} mm, AUC(20-50) {test['auc_20_50']:.3f} -> {final}")
+    store.commit(stage, key)
+    _say(f"{stage}: test EPE {test['epe_mm']:.2f} mm, AUC(20-50) {test['auc_20_50']:.3f} -> "
+         f"{store.describe(stage, key)}")
     return Artifact(stage, key, final)
 
 

@@ -1,4 +1,6 @@
 import os
+import urllib.request
+import uuid
 
 import pytest
 
@@ -20,3 +22,27 @@ def _threads():
     import torch
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture
+def s3_uri():
+    """A bucket on a local S3 server (moto); yields a function making ``s3://`` URIs that carry
+    the endpoint and credentials, so every process (Ray workers too) can open them."""
+    moto_server = pytest.importorskip("moto.server")
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    import pyarrow.fs as pafs
+
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    bucket = f"cmkg-{uuid.uuid4().hex[:12]}"  # moto keeps state per process: a fresh bucket
+    pafs.S3FileSystem(access_key="test", secret_key="test", endpoint_override=f"{host}:{port}",
+                      scheme="http", region="us-east-1",
+                      allow_bucket_creation=True).create_dir(bucket)
+    yield lambda prefix: (f"s3://test:test@{bucket}/{prefix}?endpoint_override={host}:{port}"
+                          "&scheme=http&region=us-east-1")
+    urllib.request.urlopen(urllib.request.Request(f"http://{host}:{port}/moto-api/reset",
+                                                  method="POST"))
+    server.stop()

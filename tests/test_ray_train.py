@@ -46,3 +46,26 @@ def test_preflight_refuses_workers_that_cannot_fit(local_ray, tiny_cfg):
     with pytest.raises(UserError, match="GPU"):
         run_stage_ray("student", tiny_cfg, workers=1, gpus_per_worker=1)
 
+
+
+def test_store_on_s3_holds_artifact_and_ray_checkpoints(local_ray, tiny_cfg, s3_uri, tmp_path):
+    """run.store as a URI: Ray Train checkpoints to {store}/_ray and rank 0 publishes there."""
+    from dataclasses import replace
+
+    import pyarrow.fs as pafs
+
+    from cmkg import storage
+    from cmkg.cluster.train import run_stage_ray
+
+    uri = s3_uri("runs")
+    cfg = replace(tiny_cfg, run=replace(tiny_cfg.run, store=uri, cache=str(tmp_path / "mirror")))
+    art = run_stage_ray("teacher", cfg, workers=1, max_failures=0)
+    fs, base = storage.open_uri(uri)
+    files = [i.path for i in fs.get_file_info(pafs.FileSelector(base, recursive=True))
+             if i.type == pafs.FileType.File]
+    key = art.key[:20]
+    assert f"{base}/teacher/{key}/meta.json" in files and f"{base}/teacher/{key}/model.pt" in files
+    assert any(p.startswith(f"{base}/_ray/teacher-{key}/") and p.endswith("/checkpoint.pt")
+               for p in files)
+    assert art.path == tmp_path / "mirror" / "teacher" / key  # the driver reads its mirror
+    assert [h["epoch"] for h in art.metrics["history"]] == [1, 2]

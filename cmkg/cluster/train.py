@@ -6,7 +6,8 @@ The worker loop is the project's own code (``stages.build_stage``, ``train.fit``
 teacher, student, kd and target stages (the meta stage keeps the bare module and averages its
 gradients by hand, see ``cmkg.parallel``), ``prepare_data_loader`` for the distributed sampler,
 and ``report`` for the per-epoch checkpoint. Rank 0 publishes the artifact into the store, which
-must be shared by all nodes on a cluster.
+on a cluster must be one every node reaches: a shared folder (NFS/EFS) or a URI (``s3://...``);
+Ray's checkpoints go to ``{store}/_ray`` on the same filesystem.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from cmkg import stages
 from cmkg.config import Config, from_dict
 from cmkg.errors import UserError
 from cmkg.stages import Artifact, Store
+from cmkg.storage import is_uri
 
 CKPT = "checkpoint.pt"
 
@@ -102,17 +104,17 @@ def _worker_loop(config: dict) -> None:
     started = time.time()
     state = stages.fit_stage(run, cfg, spec, train_loader, val_loader, device, state, report)
     if rank == 0:
-        final, partial = stages.partial_dir(Store(cfg.run.store), stage, key)
-        stages.publish(run, cfg, key, spec, upstream, state, test_loader, partial, final,
+        stages.publish(run, cfg, key, spec, upstream, state, test_loader, Store.of(cfg),
                        device, started)
 
 
 def absolute_paths(cfg: Config) -> Config:
-    """The config with every path made absolute: Ray workers run in folders of their own."""
+    """The config with every path made absolute (URIs stay): Ray workers run in folders of
+    their own."""
     from dataclasses import replace
 
     def ab(p):
-        return None if p is None else str(Path(p).expanduser().resolve())
+        return p if p is None or is_uri(p) else str(Path(p).expanduser().resolve())
 
     data = cfg.data
     specs = {k: replace(getattr(data, k), path=ab(getattr(data, k).path))
@@ -120,7 +122,7 @@ def absolute_paths(cfg: Config) -> Config:
     if data.augment is not None:
         specs["augment"] = replace(data.augment, path=ab(data.augment.path))
     return replace(cfg, data=replace(data, root=ab(data.root), **specs),
-                   run=replace(cfg.run, store=ab(cfg.run.store)),
+                   run=replace(cfg.run, store=ab(cfg.run.store), cache=ab(cfg.run.cache)),
                    inputs=replace(cfg.inputs, teacher=ab(cfg.inputs.teacher),
                                   student=ab(cfg.inputs.student)),
                    regularizer=replace(cfg.regularizer, prior=ab(cfg.regularizer.prior)))
@@ -133,7 +135,7 @@ def run_stage_ray(stage: str, cfg: Config, *, workers: int, gpus_per_worker: flo
     from ray.train.torch import TorchTrainer
 
     cfg = absolute_paths(cfg)
-    store = Store(cfg.run.store)
+    store = Store.of(cfg)
     key, spec, inputs = stages.stage_key(stage, cfg)
     done = store.get(stage, key)
     if done is not None:
@@ -152,7 +154,7 @@ def run_stage_ray(stage: str, cfg: Config, *, workers: int, gpus_per_worker: flo
     # the worker's CPU share, no more than one node holds
     threads = cfg.run.threads or max(1, int(min(cpus // workers, biggest)))
     preflight(workers, threads, gpus_per_worker)
-    storage = Path(cfg.run.store).resolve() / "_ray"
+    storage_path, storage_fs = store.ray_storage()
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={"cfg": cfg.to_dict(), "stage": stage, "key": key, "spec": spec,
@@ -163,16 +165,17 @@ def run_stage_ray(stage: str, cfg: Config, *, workers: int, gpus_per_worker: flo
                                                            "GPU": gpus_per_worker}),
         # a stable name per stage key: rerunning the same command resumes from the latest
         # checkpoint that Ray Train keeps there (ray.train.get_checkpoint in the workers)
-        run_config=RunConfig(name=f"{stage}-{key[:20]}", storage_path=str(storage),
+        run_config=RunConfig(name=f"{stage}-{key[:20]}", storage_path=storage_path,
+                             storage_filesystem=storage_fs,
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
     stages._say(f"{stage}: Ray Train, {workers} worker(s) x {threads} CPU"
                 f"{f' + {gpus_per_worker:g} GPU' if gpus_per_worker else ''} -> "
-                f"{store.final(stage, key)}")
+                f"{store.describe(stage, key)}")
     trainer.fit()
     art = store.get(stage, key)
     if art is None:
-        raise RuntimeError(f"{stage}: Ray Train finished but {store.final(stage, key)} is missing; "
-                           "is run.store on storage every node shares?")
+        raise RuntimeError(f"{stage}: Ray Train finished but {store.describe(stage, key)} is "
+                           "missing; is run.store on storage every node reaches?")
     return art
