@@ -54,6 +54,12 @@ def image_path(root: Path, i: int, version: str, n: int) -> Path:
     return root / "training" / "rgb" / f"{i + n * VERSIONS[version]:08d}.jpg"
 
 
+def load_sample(path: Path, i: int, joints: np.ndarray, K: np.ndarray, size: int,
+                margin: float) -> dict:
+    crop = common.crop_sample(common.read_image(path), common.project(joints, K), K, size, margin)
+    return {"id": i, **crop, "joints3d": joints, "vis": np.ones(21, bool)}
+
+
 def convert(root: str | Path, out: str | Path, versions: str | list[str] = "ghsa",
             size: int = 256, margin: float = 1.5, val_fraction: float = 0.1,
             test_fraction: float = 0.1, seed: int = 0, progress: bool = True) -> dict[str, dict]:
@@ -88,15 +94,12 @@ def convert(root: str | Path, out: str | Path, versions: str | list[str] = "ghsa
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
     try:
+        plan = {s: list(split[s]) for s in ("train", "val", "test")}
         for v in todo:
             def load(i, v=v):
                 i = int(i)
-                path = image_path(root, i, v, n)
-                crop = common.crop_sample(common.read_image(path),
-                                          common.project(joints[i], K[i]), K[i], size, margin)
-                return {"id": i, **crop, "joints3d": joints[i], "vis": np.ones(21, bool)}
+                return load_sample(image_path(root, i, v, n), i, joints[i], K[i], size, margin)
 
-            plan = {s: list(split[s]) for s in ("train", "val", "test")}
             common.write_dataset(staging / f"freihand-{v}", sources[v], size, False, plan, load,
                                  f"freihand-{v}", progress)
         out.mkdir(parents=True, exist_ok=True)
