@@ -1,6 +1,8 @@
 """The ``cmkg`` command line.
 
     cmkg data synth --domain NAME --num N --size PX --out DIR [--seed S]
+    cmkg data convert {rhd,stb,freihand} ROOT --out DIR [--size PX] [--margin M]
+                      [--val-fraction F] [--seed S] [--versions g,h,s,a] [--test-fraction F]
     cmkg train {teacher,student,kd,meta,target} --config FILE|PRESET [--set key=value ...]
                [--out DIR] [--workers N [--gpus-per-worker G] [--address ADDR]]
     cmkg eval-predictions --pred P.npy --gt G.npy [--vis V.npy] [--root-relative]
@@ -54,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--split", type=float, nargs=3, default=[0.8, 0.1, 0.1],
                      metavar=("TRAIN", "VAL", "TEST"))
 
+    _add_convert_parser(data)
+
     train = sub.add_parser("train", help="train and evaluate one stage (and its missing inputs)")
     train.add_argument("stage", choices=["teacher", "student", "kd", "meta", "target"])
     _add_config_args(train)
@@ -84,6 +88,60 @@ def build_parser() -> argparse.ArgumentParser:
     show = cfg.add_parser("show", help="print the resolved config as YAML")
     _add_config_args(show)
     return parser
+
+
+# -- cmkg data convert -----------------------------------------------------------------------
+
+def _add_convert_parser(data) -> None:
+    conv = data.add_parser("convert", help="convert a downloaded real dataset into shards")
+    kinds = conv.add_subparsers(dest="dataset", required=True, parser_class=_Parser)
+    helps = {"rhd": "RHD (RHD_published_v2 folder): RGB + depth, the source set",
+             "stb": "STB (folder with images/ and labels/): RGB, the target set, paper split",
+             "freihand": "FreiHAND (FreiHAND_pub_v2 folder): versions g,h,s,a as separate sets"}
+    for name, text in helps.items():
+        p = kinds.add_parser(name, help=text)
+        p.add_argument("root", help="the unpacked dataset folder")
+        p.add_argument("--out", required=True, help="output folder" + (
+            " (receives freihand-<v> per version)" if name == "freihand" else ""))
+        p.add_argument("--size", type=int, default=256, help="crop size in pixels (default 256)")
+        p.add_argument("--margin", type=float, default=1.5,
+                       help="crop side / the 2D joints' larger extent (default 1.5)")
+        p.add_argument("--val-fraction", type=float, default=0.1,
+                       help="share of the training pool carved out as val (default 0.1)")
+        p.add_argument("--seed", type=int, default=0, help="seed of the val/test carving")
+        if name == "freihand":
+            p.add_argument("--versions", default="g,h,s,a",
+                           help="comma-separated versions to convert (default g,h,s,a)")
+            p.add_argument("--test-fraction", type=float, default=0.1,
+                           help="share of the unique samples held out as test (default 0.1)")
+
+
+def _cmd_convert(args) -> int:
+    from cmkg.data.convert import CONVERTERS
+
+    fractions = [args.val_fraction] + ([args.test_fraction] if args.dataset == "freihand" else [])
+    if not 16 <= args.size <= 1024 or not 1.0 <= args.margin <= 4.0:
+        raise UserError(f"--size must be in [16, 1024] and --margin in [1, 4] "
+                        f"(got {args.size}, {args.margin})")
+    if min(fractions) < 0 or sum(fractions) >= 0.9:
+        raise UserError(f"--val-fraction and --test-fraction must be >= 0 and leave most "
+                        f"samples for training (got {fractions})")
+    kwargs = dict(size=args.size, margin=args.margin, val_fraction=args.val_fraction,
+                  seed=args.seed)
+    if args.dataset == "freihand":
+        kwargs.update(versions=[v.strip() for v in args.versions.split(",") if v.strip()],
+                      test_fraction=args.test_fraction)
+    result = CONVERTERS[args.dataset](args.root, args.out, **kwargs)
+    outputs = ({f"{args.out}/freihand-{v}": m for v, m in result.items()}
+               if args.dataset == "freihand" else {args.out: result})
+    for out, m in outputs.items():
+        print(json.dumps({"out": out, "num": m["num"], "fingerprint": m["fingerprint"],
+                          "splits": {k: v["num"] for k, v in m["splits"].items()}}))
+    return 0
+
+
+def _cmd_data(args) -> int:
+    return (_cmd_convert if args.data_command == "convert" else _cmd_synth)(args)
 
 
 def _load_config(args):
@@ -204,7 +262,7 @@ def _cmd_config_show(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"data": _cmd_synth, "train": _cmd_train, "eval-predictions": _cmd_eval,
+    handlers = {"data": _cmd_data, "train": _cmd_train, "eval-predictions": _cmd_eval,
                 "figure": _cmd_figure, "config": _cmd_config_show}
     try:
         return handlers[args.command](args)

@@ -1,4 +1,4 @@
-"""Hand datasets: the Parquet shard store, the torch Dataset, and (later) real-data converters."""
+"""Hand datasets: Parquet shard store, torch Dataset, real-data converters (``convert``)."""
 
 from cmkg.data.dataset import HandDataset, identity_collate, prepare_batch
 from cmkg.data.store import (

@@ -110,11 +110,14 @@ class DatasetWriter:
                 raise
         return self._ctx.__exit__(*exc)
 
-    def add(self, split: str, batch: dict[str, np.ndarray], first_id: int) -> None:
+    def add(self, split: str, batch: dict[str, np.ndarray], first_id: int = 0,
+            ids: np.ndarray | None = None) -> None:
+        """Append samples to ``split``; their ids are ``ids`` or first_id, first_id + 1, ..."""
         n = len(batch["joints3d"])
         s = self.size
         cols = {
-            "id": pa.array(np.arange(first_id, first_id + n, dtype=np.int64)),
+            "id": pa.array(np.arange(first_id, first_id + n, dtype=np.int64) if ids is None
+                           else np.asarray(ids, dtype=np.int64)),
             "rgb": _binary(batch["rgb"].astype(np.uint8), s),
         }
         if self.with_depth:
