@@ -1,6 +1,7 @@
-"""Ray Train overhead: a stage in-process vs under Ray Train with 1 and 2 workers, one run.
+"""Ray overhead: a stage in-process vs as a Ray task vs under Ray Train with 1 and 2 workers.
 
-Prints the wall time of each (the difference is Ray's fixed start-up cost: workers, placement
+Also a stage as a Ray task that trains in-process (``cluster.train.stage_task``, the path for
+one-worker stages inside sweeps and the ablation runner). Prints the wall time of each (the difference is Ray's fixed start-up cost: workers, placement
 group, process group) and the steady-state training throughput from the epochs' own timings
 (bar: 1 worker >= 0.90 of in-process once started), plus 2 workers vs 1 on this machine.
 
@@ -49,6 +50,14 @@ def main():
     t = time.perf_counter()
     init_ray(None)
     ray_init = time.perf_counter() - t
+    import ray
+
+    from cmkg.cluster.train import stage_task
+
+    cfg = config.load("smoke", base + [f"run.store={tmp}/task"])
+    t = time.perf_counter()  # what a sweep trial or the ablation runner pays for a 1-worker stage
+    art = stages.open_artifact(ray.get(stage_task("teacher", cfg, cpus=os.cpu_count())))
+    rows["Ray task, in-process"] = (time.perf_counter() - t, steady(art))
     for workers in (1, 2):
         cfg = config.load("smoke", base + [f"run.store={tmp}/ray{workers}"])
         t = time.perf_counter()

@@ -69,3 +69,16 @@ def test_store_on_s3_holds_artifact_and_ray_checkpoints(local_ray, tiny_cfg, s3_
                for p in files)
     assert art.path == tmp_path / "mirror" / "teacher" / key  # the driver reads its mirror
     assert [h["epoch"] for h in art.metrics["history"]] == [1, 2]
+
+
+def test_one_worker_stage_as_ray_task_trains_in_process(local_ray, tiny_cfg):
+    """The sweep/ablation path: a Ray task trains in-process (no TorchTrainer) into the same
+    artifact key; run_stage_auto with one worker is the same in-process call."""
+    from cmkg.cluster.train import run_stage_auto, stage_task
+
+    path = local_ray.get(stage_task("teacher", tiny_cfg, cpus=1))
+    art = stages.open_artifact(path)
+    assert art.key == stages.stage_key("teacher", tiny_cfg)[0]
+    assert [h["epoch"] for h in art.metrics["history"]] == [1, 2]
+    assert not Path(tiny_cfg.run.store, "_ray").exists()  # no Ray Train run was started
+    assert run_stage_auto("teacher", tiny_cfg, workers=1).path == art.path  # cache hit

@@ -8,6 +8,12 @@ gradients by hand, see ``cmkg.parallel``), ``prepare_data_loader`` for the distr
 and ``report`` for the per-epoch checkpoint. Rank 0 publishes the artifact into the store, which
 on a cluster must be one every node reaches: a shared folder (NFS/EFS) or a URI (``s3://...``);
 Ray's checkpoints go to ``{store}/_ray`` on the same filesystem.
+
+Ray Train's fixed cost (worker actors, placement group, process group: about 20 s a stage on
+2 cores) is worth paying only for several workers. ``run_stage_auto`` is the entry point for
+code that already runs inside Ray (a Tune trial, a Ray task): one worker trains in that process,
+on the resources it already holds; several start a ``TorchTrainer``. ``stage_task`` runs a
+stage as a Ray task that way (what the ablation runner schedules).
 """
 
 from __future__ import annotations
@@ -179,3 +185,31 @@ def run_stage_ray(stage: str, cfg: Config, *, workers: int, gpus_per_worker: flo
         raise RuntimeError(f"{stage}: Ray Train finished but {store.describe(stage, key)} is "
                            "missing; is run.store on storage every node reaches?")
     return art
+
+
+def run_stage_auto(stage: str, cfg: Config, *, workers: int = 1, gpus_per_worker: float = 0.0,
+                   address: str | None = None, max_failures: int = 3) -> Artifact:
+    """One worker: train in this process (inside the caller's Ray task or Tune trial, which
+    already holds its CPUs and GPU), no Ray Train start-up. Several: a ``TorchTrainer``."""
+    if workers <= 1:
+        return stages.run_stage(stage, cfg)
+    return run_stage_ray(stage, cfg, workers=workers, gpus_per_worker=gpus_per_worker,
+                         address=address, max_failures=max_failures)
+
+
+def _stage_in_task(stage: str, config: dict, threads: int) -> str:
+    from dataclasses import replace
+
+    cfg = from_dict(config)
+    cfg = replace(cfg, run=replace(cfg.run, threads=threads))  # the task's CPUs, not the node's
+    return str(stages.run_stage(stage, cfg).path)
+
+
+def stage_task(stage: str, cfg: Config, cpus: int = 1, gpus: float = 0.0):
+    """Submit ``stage`` (and its missing inputs) as a Ray task that trains in-process with
+    ``cpus`` threads; returns the ObjectRef of the artifact's local path. The store must be one
+    every node reaches (a shared folder or a URI)."""
+    import ray
+
+    task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=1)(_stage_in_task)
+    return task.remote(stage, absolute_paths(cfg).to_dict(), cpus)
