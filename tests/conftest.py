@@ -1,3 +1,4 @@
+import json
 import os
 import urllib.request
 import uuid
@@ -46,3 +47,19 @@ def s3_uri():
     urllib.request.urlopen(urllib.request.Request(f"http://{host}:{port}/moto-api/reset",
                                                   method="POST"))
     server.stop()
+
+
+@pytest.fixture
+def registered_epoch():
+    """Epoch of the latest checkpoint Ray Train's controller has registered (its checkpoint-
+    manager snapshot under ``{store}/_ray``), 0 if none yet: a checkpoint folder on disk alone
+    does not mean a restart will be given it."""
+    def latest(store) -> int:
+        for snap in store.glob("_ray/*/checkpoint_manager_snapshot.json"):
+            try:
+                result = json.loads(snap.read_text()).get("latest_checkpoint_result") or {}
+                return int(result.get("metrics", {}).get("epoch", 0))
+            except (ValueError, OSError):
+                return 0
+        return 0
+    return latest

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 pytestmark = pytest.mark.ray
+EPOCHS = 8
 
 
-def test_losing_the_workers_node_resumes_from_the_last_checkpoint(tmp_path):
+def test_losing_the_workers_node_resumes_from_the_last_checkpoint(tmp_path, registered_epoch):
     ray = pytest.importorskip("ray")
     from ray._private.state import available_resources_per_node
     from ray.cluster_utils import Cluster
@@ -30,7 +31,11 @@ def test_losing_the_workers_node_resumes_from_the_last_checkpoint(tmp_path):
     ray.init(address=cluster.address, log_to_driver=False)
     try:
         cfg = config.load("smoke", [
-            "data.source.num=240", "optim.batch_size=16", "epochs.teacher=20",
+            # epochs of ~3 s: Ray Train's controller registers reported checkpoints on its
+            # health-check poll (every 2 s), so an epoch finished less than one poll before the
+            # node died can be lost as well as the one in flight; epochs longer than the poll
+            # bound the loss to one epoch
+            "data.source.num=720", "optim.batch_size=16", f"epochs.teacher={EPOCHS}",
             f"data.root={tmp_path / 'data'}", f"run.store={tmp_path / 'runs'}",
             "run.progress=lines"])
         out = {}
@@ -45,7 +50,7 @@ def test_losing_the_workers_node_resumes_from_the_last_checkpoint(tmp_path):
         thread.start()
         deadline = time.time() + 240
         while time.time() < deadline and "err" not in out and \
-                len(list((tmp_path / "runs").glob("_ray/*/checkpoint_*"))) < 2:
+                registered_epoch(tmp_path / "runs") < 2:
             time.sleep(0.5)
         assert "err" not in out, out.get("err")
         free = available_resources_per_node()
@@ -55,7 +60,7 @@ def test_losing_the_workers_node_resumes_from_the_last_checkpoint(tmp_path):
         thread.join(timeout=400)
         assert not thread.is_alive() and "err" not in out, out.get("err")
         metrics = json.loads((out["art"].path / "metrics.json").read_text())
-        assert [h["epoch"] for h in metrics["history"]] == list(range(1, 21))
+        assert [h["epoch"] for h in metrics["history"]] == list(range(1, EPOCHS + 1))
         assert all(h["train"]["loss"] == h["train"]["loss"] for h in metrics["history"])  # no NaN
         assert 0 < metrics["test"]["epe_mm"] < 1e4
         # each trained epoch prints one line; Ray Train logs it once, as JSON with its node, in
@@ -64,9 +69,9 @@ def test_losing_the_workers_node_resumes_from_the_last_checkpoint(tmp_path):
         lines = [json.loads(row) for f in logs.glob("ray-train-app-worker-*.log")
                  for row in f.read_text().splitlines() if row.startswith("{")]
         epochs = [(int(m.group(1)), r["node_id"]) for r in lines
-                  if (m := re.match(r"teacher\s+epoch\s+(\d+)/20\s+loss", r["message"]))]
+                  if (m := re.match(rf"teacher\s+epoch\s+(\d+)/{EPOCHS}\s+loss", r["message"]))]
         done = collections.Counter(e for e, _ in epochs)
-        assert set(done) >= set(range(2, 21)), done  # found: the count below means something
+        assert set(done) >= set(range(3, EPOCHS + 1)), done  # found: the count below means something
         assert sum(n - 1 for n in done.values()) <= 1, f"epochs trained more than once: {done}"
         assert len({node for _, node in epochs}) == 2  # the run moved to the other node
     finally:

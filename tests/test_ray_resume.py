@@ -13,18 +13,7 @@ import pytest
 pytestmark = pytest.mark.ray
 
 
-def _registered_epoch(store) -> int:
-    """Epoch of the latest checkpoint in Ray Train's own checkpoint-manager snapshot."""
-    for snap in store.glob("_ray/*/checkpoint_manager_snapshot.json"):
-        try:
-            latest = json.loads(snap.read_text()).get("latest_checkpoint_result") or {}
-            return int(latest.get("metrics", {}).get("epoch", 0))
-        except (ValueError, OSError):
-            return 0
-    return 0
-
-
-def test_an_interrupted_ray_run_resumes_when_rerun(tmp_path):
+def test_an_interrupted_ray_run_resumes_when_rerun(tmp_path, registered_epoch):
     """Interrupt `cmkg train --workers 1` after two checkpoints; the same command resumes."""
     cmd = [sys.executable, "-m", "cmkg", "train", "teacher", "--config", "smoke", "--workers", "1",
            "--out", str(tmp_path / "runs"), "--set", f"data.root={tmp_path / 'data'}",
@@ -35,7 +24,7 @@ def test_an_interrupted_ray_run_resumes_when_rerun(tmp_path):
                              stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while time.time() < deadline and first.poll() is None:
-        if _registered_epoch(tmp_path / "runs") >= 2:  # Ray Train has recorded 2 checkpoints
+        if registered_epoch(tmp_path / "runs") >= 2:  # Ray Train has recorded 2 checkpoints
             break
         time.sleep(0.5)
     assert first.poll() is None, first.communicate()[1][-2000:]
