@@ -27,6 +27,9 @@ test: setup
 bench: setup
 	$(BIN)/python bench/bench_render.py
 	$(BIN)/python bench/bench_fit.py
+	$(BIN)/python bench/bench_meta.py
+	$(BIN)/python bench/bench_convert.py
+	$(BIN)/python bench/bench_ray.py
 
 clean:
 	rm -rf $(VENV) runs data .pytest_cache
