@@ -115,8 +115,10 @@ class Regularizer(nn.Module):
 
     @classmethod
     def from_phi_state(cls, state: dict) -> Regularizer:
+        # phi_init only shapes the placeholder: the stored raw values overwrite it below
         reg = cls(state["form"], {n: r.shape for n, r in state["raw"].items()},
-                  sigma=state.get("sigma", 0.0), phi_param=state["phi_param"])
+                  sigma=state.get("sigma", 0.0), phi_param=state["phi_param"],
+                  phi_init=1.0 if state["phi_param"] == "softplus" else 0.0)
         with torch.no_grad():
             for r, value in zip(reg.raw, state["raw"].values()):
                 r.copy_(value)

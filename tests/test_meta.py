@@ -299,3 +299,20 @@ def test_target_training_with_negative_phi_stays_finite():
         assert torch.isfinite(p).all()
         # Adam's step is at most lr (1 - beta1) / sqrt(1 - beta2) = 3.16 lr, whatever the gradient
         assert float((p.detach() - start[n]).abs().max()) <= steps * lr * 0.1 / 0.001 ** 0.5 * 1.001
+
+
+@pytest.mark.parametrize("phi_param", ["free", "softplus"])
+def test_prior_round_trips_through_its_stored_state(phi_param):
+    """A meta stage stores phi_state(); the target stage rebuilds the prior from it (a softplus
+    prior once failed here: the placeholder was built with phi_init 0, which softplus refuses)."""
+    from cmkg.regularizers import Regularizer
+
+    shapes = {"a.weight": torch.Size([3, 2]), "b.weight": torch.Size([4])}
+    reg = Regularizer("weighted_l2", shapes, phi_param=phi_param, phi_init=0.3)
+    with torch.no_grad():
+        for r in reg.raw:
+            r.add_(torch.randn_like(r))
+    back = Regularizer.from_phi_state(reg.phi_state())
+    assert back.phi_param == phi_param
+    for a, b in zip(reg.phi(), back.phi()):
+        assert torch.equal(a, b)
