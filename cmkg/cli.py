@@ -5,6 +5,8 @@
                       [--val-fraction F] [--seed S] [--versions g,h,s,a] [--test-fraction F]
     cmkg train {teacher,student,kd,meta,target} --config FILE|PRESET [--set key=value ...]
                [--out DIR] [--workers N [--gpus-per-worker G] [--address ADDR]]
+    cmkg tune SPACE.yaml [--config FILE|PRESET] [--set key=value ...] [--out DIR] [--resume]
+              [--storage URL] [--address ADDR]
     cmkg eval-predictions --pred P.npy --gt G.npy [--vis V.npy] [--root-relative]
     cmkg figure params --without DIR --with DIR [--prior DIR] --out PNG   # Fig. 5
     cmkg config show --config FILE|PRESET [--set key=value ...]
@@ -66,6 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--gpus-per-worker", type=float, default=0.0)
     train.add_argument("--address", help="Ray cluster to join (auto, host:port); default: "
                        "RAY_ADDRESS, else a local Ray started for this command")
+
+    tune = sub.add_parser("tune", help="hyperparameter sweep: Ray Tune trials, Optuna sampling")
+    tune.add_argument("space", help="search-space YAML (see tune_spaces/)")
+    _add_config_args(tune)
+    tune.add_argument("--resume", action="store_true",
+                      help="continue the sweep this command started before")
+    tune.add_argument("--storage", help="Optuna storage URL (default: SQLite beside the results)")
+    tune.add_argument("--address", help="Ray cluster to join (auto, host:port); default: "
+                      "RAY_ADDRESS, else a local Ray started for this command")
 
     ev = sub.add_parser("eval-predictions", help="EPE / PCK / AUC of saved predictions as JSON")
     ev.add_argument("--pred", required=True, help="(N, 21, 3) predictions, mm")
@@ -195,6 +206,16 @@ def _summary(cfg, stage: str) -> str:
                      for r in [head, *rows])
 
 
+def _cmd_tune(args) -> int:
+    from cmkg.cluster.tune import run_tune
+
+    overrides = list(args.overrides) + ([f"run.store={args.out}"] if args.out else [])
+    summary = run_tune(args.space, args.config, overrides, resume=args.resume,
+                       storage=args.storage, address=args.address)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def _cmd_train(args) -> int:
     from cmkg.stages import run_stage
 
@@ -262,7 +283,8 @@ def _cmd_config_show(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"data": _cmd_data, "train": _cmd_train, "eval-predictions": _cmd_eval,
+    handlers = {"data": _cmd_data, "train": _cmd_train, "tune": _cmd_tune,
+                "eval-predictions": _cmd_eval,
                 "figure": _cmd_figure, "config": _cmd_config_show}
     try:
         return handlers[args.command](args)

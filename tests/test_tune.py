@@ -1,0 +1,130 @@
+"""Sweeps: search-space files, Optuna's define-by-run sampling, and `cmkg tune` end to end on a
+Ray started by the test (Ray Tune trials, Optuna study in SQLite, resume, best.yaml)."""
+
+import json
+import os
+import shlex
+import sqlite3
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from cmkg import cli
+from cmkg.cluster.tune import load_space
+from cmkg.config import ConfigError
+
+SPACES = Path(__file__).resolve().parents[1] / "tune_spaces"
+
+
+def _space(tmp_path, text: str) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_shipped_spaces_load():
+    for path in sorted(SPACES.glob("*.yaml")):
+        space = load_space(path, "smoke")
+        assert space.params and space.stage in ("kd", "target"), path
+
+
+def test_bad_space_names_file_and_keys(tmp_path):
+    path = _space(tmp_path, """
+stage: target
+trails: 3
+params:
+  meta.betta: {float: [1.0e-5, 1.0e-1], log: true}
+  optim.lr: {float: [0.1, 0.01]}
+  regularizer.sigma: {float: [1.0e-6, 1.0e-2], when: {regularizer.form: [l2]}}
+  regularizer.form: {choice: [l2, nonsense]}
+""")
+    with pytest.raises(ConfigError) as e:
+        load_space(path, "smoke")
+    text = str(e.value)
+    assert str(path) in text
+    for key in ("trails: unknown key", "params.optim.lr.float", "params.regularizer.sigma.when"):
+        assert key in text, key
+    # the ranges were fine in a second file; then each value is tried against the config
+    path = _space(tmp_path, """
+stage: target
+params:
+  meta.betta: {float: [1.0e-5, 1.0e-1], log: true}
+  regularizer.form: {choice: [l2, nonsense]}
+""")
+    with pytest.raises(ConfigError) as e:
+        load_space(path, "smoke")
+    assert "params.meta.betta" in str(e.value) and "params.regularizer.form='nonsense'" in str(e.value)
+
+
+def test_define_by_run_samples_conditional_parameters():
+    space = load_space(SPACES / "prior.yaml", "smoke")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(40):
+        trial = study.ask()
+        space.define_by_run(trial)
+        p = trial.params
+        seen.add(p["regularizer.form"])
+        learned = p["regularizer.form"].startswith("weighted")
+        assert ("meta.beta" in p) == learned and ("meta.inner_steps" in p) == learned
+        assert ("regularizer.sigma" in p) == (p["regularizer.form"] == "l2")
+        assert ("regularizer.phi_init" in p) == (p.get("regularizer.phi_param") == "softplus")
+        if learned:
+            assert 1e-5 <= p["meta.beta"] <= 1e-1 and p["meta.inner_steps"] in (1, 2, 3)
+        study.tell(trial, 0.0)
+    assert seen == {"none", "l2", "weighted_l2", "weighted_l1"}
+    # list-valued choices travel through Optuna as JSON and come back as lists
+    distill = load_space(SPACES / "distill.yaml", "smoke")
+    trial = optuna.create_study().ask()
+    distill.define_by_run(trial)
+    assert trial.params["distill.losses"] in ('["act"]', '["att"]', '["act", "att"]')
+    assert distill.decoders()["distill.losses"][trial.params["distill.losses"]] in (
+        ["act"], ["att"], ["act", "att"])
+
+
+@pytest.mark.ray
+def test_tune_runs_resumes_and_best_retrains(tmp_path, capsys):
+    ray = pytest.importorskip("ray")
+    saved = os.environ.pop("RAY_ADDRESS", None)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        args = ["--config", "smoke", "--set", "data.source.num=240", "--set",
+                "data.target.num=120", "--set", "optim.batch_size=16", "--set", "epochs.target=2",
+                "--set", f"data.root={tmp_path / 'data'}", "--out", str(tmp_path / "runs")]
+        space = str(SPACES / "smoke.yaml")
+        assert cli.main(["tune", space, *args]) == 0
+        summary = json.loads(capsys.readouterr().out)
+        exp = next((tmp_path / "runs" / "_tune").glob("smoke-*"))
+        best = yaml.safe_load((exp / "best.yaml").read_text())
+        assert best == summary and best["trials_finished"] == 3
+        with sqlite3.connect(exp / "optuna.db") as db:
+            states = [s for (s,) in db.execute("select state from trials")]
+            params = db.execute("select trial_id, param_name from trial_params").fetchall()
+        assert states == ["COMPLETE"] * 3
+        forms = {t for t, name in params if name == "regularizer.form"}
+        sigmas = {t for t, name in params if name == "regularizer.sigma"}
+        assert len(forms) == 3 and sigmas < forms  # sigma only where form is l2 (conditional)
+        # the best is the minimum of what the trials reported
+        import csv
+
+        rows = list(csv.DictReader((exp / "trials.csv").open()))
+        assert best["best"]["metrics"]["val_epe_mm"] == pytest.approx(
+            min(float(r["val_epe_mm"]) for r in rows))
+        # the same command again refuses (exit 2); with --resume it finds the finished sweep
+        assert cli.main(["tune", space, *args]) == 2
+        assert "--resume" in capsys.readouterr().err
+        assert cli.main(["tune", space, *args, "--resume"]) == 0
+        assert json.loads(capsys.readouterr().out)["trials_finished"] == 3
+        with sqlite3.connect(exp / "optuna.db") as db:
+            assert db.execute("select count(*) from trials").fetchone()[0] == 3
+        # best.yaml's command retrains nothing: it names the best trial's artifact exactly
+        retrain = shlex.split(best["retrain"])
+        assert retrain[:3] == ["cmkg", "train", "target"]
+        assert cli.main(retrain[1:]) == 0
+        assert best["best"]["metrics"]["artifact"] in capsys.readouterr().out
+    finally:
+        ray.shutdown()
+        if saved is not None:
+            os.environ["RAY_ADDRESS"] = saved
