@@ -30,6 +30,7 @@ bench: setup
 	$(BIN)/python bench/bench_meta.py
 	$(BIN)/python bench/bench_convert.py
 	$(BIN)/python bench/bench_ray.py
+	$(BIN)/python bench/bench_tune.py
 
 clean:
 	rm -rf $(VENV) runs data .pytest_cache

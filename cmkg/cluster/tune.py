@@ -335,6 +335,7 @@ def run_tune(space_path: str, base_config: str | None, overrides: list[str], *,
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(search_alg=searcher, num_samples=space.trials,
+                                        reuse_actors=True,
                                         metric=space.metric, mode=space.mode),
             run_config=tune.RunConfig(name=name, storage_path=ray_root,
                                       storage_filesystem=ray_fs,
