@@ -230,11 +230,12 @@ def trial_config(base: Config, params: dict, source: str) -> Config:
         node = data
         *parents, leaf = name.split(".")
         for part in parents:
-            if not isinstance(node.get(part), dict):
-                node[part] = {} if node.get(part) is None else node[part]
-            node = node[part]
-            if not isinstance(node, dict):
+            child = node.get(part)
+            if child is None:  # an optional section (data.augment) the trial switches on
+                child = node[part] = {}
+            if not isinstance(child, dict):
                 raise ConfigError(source, [f"{name}: {part} is not a config section"])
+            node = child
         node[leaf] = value
     return config_mod.from_dict(data, source)
 
@@ -264,6 +265,7 @@ def _trial(params: dict, *, base: dict, stage: str, threads: int, source: str,
                                                            progress="none"))
     art = run_stage_auto(stage, cfg, workers=1)
     m = art.metrics
+    # the epoch whose weights the stage keeps (best validation EPE) gives the validation AUC
     best = min(m["history"], key=lambda h: h.get("val", {}).get("epe_mm", float("inf")))
     tune.report({"val_epe_mm": m["best_val_epe_mm"],
                  "val_auc_20_50": best.get("val", {}).get("auc_20_50", float("nan")),
