@@ -84,47 +84,78 @@ def test_define_by_run_samples_conditional_parameters():
         ["act"], ["att"], ["act", "att"])
 
 
-@pytest.mark.ray
-def test_tune_runs_resumes_and_best_retrains(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def local_ray():
     ray = pytest.importorskip("ray")
     saved = os.environ.pop("RAY_ADDRESS", None)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        args = ["--config", "smoke", "--set", "data.source.num=240", "--set",
-                "data.target.num=120", "--set", "optim.batch_size=16", "--set", "epochs.target=2",
-                "--set", f"data.root={tmp_path / 'data'}", "--out", str(tmp_path / "runs")]
-        space = str(SPACES / "smoke.yaml")
-        assert cli.main(["tune", space, *args]) == 0
-        summary = json.loads(capsys.readouterr().out)
-        exp = next((tmp_path / "runs" / "_tune").glob("smoke-*"))
-        best = yaml.safe_load((exp / "best.yaml").read_text())
-        assert best == summary and best["trials_finished"] == 3
-        with sqlite3.connect(exp / "optuna.db") as db:
-            states = [s for (s,) in db.execute("select state from trials")]
-            params = db.execute("select trial_id, param_name from trial_params").fetchall()
-        assert states == ["COMPLETE"] * 3
-        forms = {t for t, name in params if name == "regularizer.form"}
-        sigmas = {t for t, name in params if name == "regularizer.sigma"}
-        assert len(forms) == 3 and sigmas < forms  # sigma only where form is l2 (conditional)
-        # the best is the minimum of what the trials reported
-        import csv
+    yield ray
+    ray.shutdown()
+    if saved is not None:
+        os.environ["RAY_ADDRESS"] = saved
 
-        rows = list(csv.DictReader((exp / "trials.csv").open()))
-        assert best["best"]["metrics"]["val_epe_mm"] == pytest.approx(
-            min(float(r["val_epe_mm"]) for r in rows))
-        # the same command again refuses (exit 2); with --resume it finds the finished sweep
-        assert cli.main(["tune", space, *args]) == 2
-        assert "--resume" in capsys.readouterr().err
-        assert cli.main(["tune", space, *args, "--resume"]) == 0
-        assert json.loads(capsys.readouterr().out)["trials_finished"] == 3
-        with sqlite3.connect(exp / "optuna.db") as db:
-            assert db.execute("select count(*) from trials").fetchone()[0] == 3
-        # best.yaml's command retrains nothing: it names the best trial's artifact exactly
-        retrain = shlex.split(best["retrain"])
-        assert retrain[:3] == ["cmkg", "train", "target"]
-        assert cli.main(retrain[1:]) == 0
-        assert best["best"]["metrics"]["artifact"] in capsys.readouterr().out
-    finally:
-        ray.shutdown()
-        if saved is not None:
-            os.environ["RAY_ADDRESS"] = saved
+
+def _tiny(tmp_path) -> list[str]:
+    return ["--config", "smoke", "--set", "data.source.num=240", "--set", "data.target.num=120",
+            "--set", "optim.batch_size=16", "--set", "epochs.target=2",
+            "--set", f"data.root={tmp_path / 'data'}"]
+
+
+@pytest.mark.ray
+def test_tune_runs_resumes_and_best_retrains(local_ray, tmp_path, capsys):
+    args = [*_tiny(tmp_path), "--out", str(tmp_path / "runs")]
+    space = str(SPACES / "smoke.yaml")
+    assert cli.main(["tune", space, *args]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    exp = next((tmp_path / "runs" / "_tune").glob("smoke-*"))
+    best = yaml.safe_load((exp / "best.yaml").read_text())
+    assert best == summary and best["trials_finished"] == 3
+    with sqlite3.connect(exp / "optuna.db") as db:
+        states = [s for (s,) in db.execute("select state from trials")]
+        params = db.execute("select trial_id, param_name from trial_params").fetchall()
+    assert states == ["COMPLETE"] * 3
+    forms = {t for t, name in params if name == "regularizer.form"}
+    sigmas = {t for t, name in params if name == "regularizer.sigma"}
+    assert len(forms) == 3 and sigmas < forms  # sigma only where form is l2 (conditional)
+    # the best is the minimum of what the trials reported
+    import csv
+
+    rows = list(csv.DictReader((exp / "trials.csv").open()))
+    assert best["best"]["metrics"]["val_epe_mm"] == pytest.approx(
+        min(float(r["val_epe_mm"]) for r in rows))
+    # the same command again refuses (exit 2); with --resume it finds the finished sweep
+    assert cli.main(["tune", space, *args]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert cli.main(["tune", space, *args, "--resume"]) == 0
+    assert json.loads(capsys.readouterr().out)["trials_finished"] == 3
+    with sqlite3.connect(exp / "optuna.db") as db:
+        assert db.execute("select count(*) from trials").fetchone()[0] == 3
+    # best.yaml's command retrains nothing: it names the best trial's artifact exactly
+    retrain = shlex.split(best["retrain"])
+    assert retrain[:3] == ["cmkg", "train", "target"]
+    assert cli.main(retrain[1:]) == 0
+    assert best["best"]["metrics"]["artifact"] in capsys.readouterr().out
+
+
+@pytest.mark.ray
+def test_tune_with_a_store_on_s3(local_ray, tmp_path, s3_uri, capsys):
+    """Trials publish into the S3 store and Ray Tune keeps its experiment there; the study and
+    the summary files live in this machine's mirror of the store."""
+    import pyarrow.fs as pafs
+
+    from cmkg import storage
+
+    uri = s3_uri("runs")
+    mirror = tmp_path / "mirror"
+    args = [*_tiny(tmp_path), "--out", uri, "--set", f"run.cache={mirror}"]
+    assert cli.main(["tune", str(SPACES / "smoke.yaml"), *args]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["trials_finished"] == 3 and summary["best"]["metrics"]["artifact"].startswith(
+        "s3://")
+    exp = next((mirror / "_tune").glob("smoke-*"))
+    assert (exp / "optuna.db").is_file() and (exp / "best.yaml").is_file()
+    fs, base = storage.open_uri(uri)
+    files = [i.path for i in fs.get_file_info(pafs.FileSelector(base, recursive=True))
+             if i.type == pafs.FileType.File]
+    assert any(p.startswith(f"{base}/_tune/{exp.name}/") for p in files)  # Ray Tune's state
+    assert sum(p.startswith(f"{base}/target/") and p.endswith("/meta.json") for p in files) >= 1
