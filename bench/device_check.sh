@@ -13,3 +13,10 @@ time python3 -m cmkg train kd --config paper --set data.source.num=2000 --set ep
   --set run.progress=lines --out /tmp/runs 2>&1 | tee "$OUT/paper_brief.log" | tail -12
 python3 bench/bench_fit.py --arch resnet18 --size 256 --steps 20 --rounds 3 --device cuda 2>&1 | tee "$OUT/bench_fit_cuda.log"
 python3 bench/bench_meta.py --arch resnet18 --size 256 --iters 3 --rounds 2 --device cuda 2>&1 | tee "$OUT/bench_meta_cuda.log"
+# real-dataset layout through the CUDA path: an RHD-layout example converted at 256 px, then the
+# paper preset's teacher, student and kd on the converted folder
+python3 -c "from cmkg.data.convert.examples import write_rhd; write_rhd('/tmp/RHD', n_train=160, n_eval=40)"
+python3 -m cmkg data convert rhd /tmp/RHD --out /tmp/rhd256 --size 256 2>&1 | tail -2
+python3 -m cmkg train kd --config paper --set data.source.path=/tmp/rhd256 --set epochs.teacher=2 \
+  --set epochs.student=2 --set epochs.kd=1 --set optim.batch_size=16 --set run.device=cuda \
+  --set run.progress=lines --out /tmp/runs 2>&1 | tee "$OUT/paper_rhd.log" | tail -5
