@@ -63,3 +63,15 @@ def registered_epoch():
                 return 0
         return 0
     return latest
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A 2-CPU Ray of the test module's own (never a stray cluster: RAY_ADDRESS is cleared)."""
+    ray = pytest.importorskip("ray")
+    saved = os.environ.pop("RAY_ADDRESS", None)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+    if saved is not None:
+        os.environ["RAY_ADDRESS"] = saved

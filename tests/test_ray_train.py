@@ -1,6 +1,5 @@
 """Stages under Ray Train on a Ray started by the test (never a stray cluster)."""
 
-import os
 from pathlib import Path
 
 import pytest
@@ -9,17 +8,6 @@ from cmkg import stages
 from cmkg.errors import UserError
 
 pytestmark = pytest.mark.ray
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray = pytest.importorskip("ray")
-    saved = os.environ.pop("RAY_ADDRESS", None)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-    if saved is not None:
-        os.environ["RAY_ADDRESS"] = saved
 
 
 def test_two_workers_publish_the_same_artifact_as_in_process(local_ray, tiny_cfg):

@@ -2,7 +2,6 @@
 Ray started by the test (Ray Tune trials, Optuna study in SQLite, resume, best.yaml)."""
 
 import json
-import os
 import shlex
 import sqlite3
 from pathlib import Path
@@ -82,17 +81,6 @@ def test_define_by_run_samples_conditional_parameters():
     assert trial.params["distill.losses"] in ('["act"]', '["att"]', '["act", "att"]')
     assert distill.decoders()["distill.losses"][trial.params["distill.losses"]] in (
         ["act"], ["att"], ["act", "att"])
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray = pytest.importorskip("ray")
-    saved = os.environ.pop("RAY_ADDRESS", None)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-    if saved is not None:
-        os.environ["RAY_ADDRESS"] = saved
 
 
 def _tiny(tmp_path) -> list[str]:

@@ -250,6 +250,12 @@ def _flatten(params: dict, prefix: str = "") -> dict:
     return out
 
 
+def _decoded(params: dict, decode: dict[str, dict]) -> dict:
+    """Sampled values with list/mapping choices turned back from Optuna's JSON."""
+    return {k: decode.get(k, {}).get(v, v) if isinstance(v, str) else v
+            for k, v in params.items()}
+
+
 def _trial(params: dict, *, base: dict, stage: str, threads: int, source: str,
            decode: dict[str, dict]) -> None:
     """One trial: resolve the config, run the stage in this process, report its metrics."""
@@ -258,8 +264,7 @@ def _trial(params: dict, *, base: dict, stage: str, threads: int, source: str,
     from cmkg.cluster.train import run_stage_auto
     from cmkg.stages import Store
 
-    params = {k: decode.get(k, {}).get(v, v) if isinstance(v, str) else v
-              for k, v in _flatten(params).items()}
+    params = _decoded(_flatten(params), decode)
     cfg = trial_config(config_mod.from_dict(base, source), params, source)
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, threads=threads,
                                                            progress="none"))
@@ -359,9 +364,7 @@ def summarise(results, space: Space, base_config: str | None, overrides: list[st
                         f"first error: {errors[0] if errors else 'none'})")
     pick = min if space.mode == "min" else max
     best = pick(done, key=lambda r: r.metrics[space.metric])
-    decode = space.decoders()
-    params = {k: decode.get(k, {}).get(v, v) if isinstance(v, str) else v
-              for k, v in _flatten(best.config).items()}
+    params = _decoded(_flatten(best.config), space.decoders())
     sets = " ".join("--set " + shlex.quote(f"{k}={v if isinstance(v, str) else json.dumps(v)}")
                     for k, v in params.items())
     extra = " ".join(f"--set {shlex.quote(o)}" for o in overrides)

@@ -230,6 +230,20 @@ def read_split(root: str | Path, split: str, columns: list[str], verify: bool = 
     return out
 
 
+def existing(out: Path, source: dict) -> dict | None:
+    """The manifest at ``out`` if it holds the dataset ``source`` describes, None if ``out`` is
+    free (absent or an empty folder); refuses an ``out`` holding anything else."""
+    if (out / "manifest.json").exists():
+        manifest = read_manifest(out)
+        if manifest.get("key") == config_key(source):
+            return manifest
+        raise DataError(f"{out}: holds a different dataset ({manifest.get('source')}); "
+                        "choose another --out or remove it")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(f"{out}: exists and is not a cmkg dataset; choose another --out")
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # Synthetic datasets
 # ---------------------------------------------------------------------------------------------
@@ -259,14 +273,8 @@ def synthesize(out: str | Path, domain: str, num: int, size: int, seed: int = 0,
         raise DataError(f"unknown domain {domain!r}; choose one of {', '.join(synth.DOMAINS)}")
     out = Path(out)
     source = synth_source(domain, num, size, seed, split)
-    if (out / "manifest.json").exists():
-        manifest = read_manifest(out)
-        if manifest.get("key") == config_key(source):
-            return manifest
-        raise DataError(f"{out}: holds a different dataset ({manifest.get('source')}); "
-                        "choose another --out or remove it")
-    if out.exists() and any(out.iterdir()):
-        raise DataError(f"{out}: exists and is not a cmkg dataset; choose another --out")
+    if (done := existing(out, source)) is not None:
+        return done
     if out.exists():
         out.rmdir()
     counts = split_counts(num, split)

@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from cmkg.data.store import DatasetWriter, _sha256, config_key, read_manifest
+from cmkg.data.store import DatasetWriter, _sha256
 from cmkg.errors import DataError
 
 CONVERTER_VERSION = 1  # bump when a converter's output changes for the same input
@@ -197,20 +197,6 @@ def carve(ids, seed: int, **fractions: float) -> dict[str, np.ndarray]:
         raise DataError(f"{len(ids)} samples leave none for training after carving "
                         f"{', '.join(f'{k} {v}' for k, v in fractions.items())}")
     return parts
-
-
-def existing(out: Path, source: dict) -> dict | None:
-    """The manifest at ``out`` if it holds this very conversion, None if ``out`` is free;
-    refuses an ``out`` holding anything else."""
-    if (out / "manifest.json").exists():
-        manifest = read_manifest(out)
-        if manifest.get("key") == config_key(source):
-            return manifest
-        raise DataError(f"{out}: holds a different dataset ({manifest.get('source')}); "
-                        "choose another --out or remove it")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DataError(f"{out}: exists and is not a cmkg dataset; choose another --out")
-    return None
 
 
 def write_dataset(out: Path, source: dict, size: int, with_depth: bool,

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from cmkg.data.convert import common
-from cmkg.data.store import read_manifest
+from cmkg.data.store import existing, read_manifest
 from cmkg.errors import DataError
 
 VERSIONS = {"g": 0, "h": 1, "s": 2, "a": 3}
@@ -81,7 +81,7 @@ def convert(root: str | Path, out: str | Path, versions: str | list[str] = "ghsa
                    "dataset": f"freihand-{v}", "size": size, "margin": margin,
                    "val_fraction": val_fraction, "test_fraction": test_fraction, "seed": seed,
                    "input": identity} for v in versions}
-    done = {v: common.existing(out / f"freihand-{v}", sources[v]) for v in versions}
+    done = {v: existing(out / f"freihand-{v}", sources[v]) for v in versions}
     todo = [v for v in versions if done[v] is None]
     if not todo:
         return done

@@ -30,7 +30,7 @@ import numpy as np
 
 from cmkg import hand
 from cmkg.data.convert import common, safepickle
-from cmkg.data.store import read_manifest
+from cmkg.data.store import existing, read_manifest
 from cmkg.errors import DataError
 
 PARTS = {"training": "train", "evaluation": "test"}  # RHD folder -> our split
@@ -114,7 +114,7 @@ def convert(root: str | Path, out: str | Path, size: int = 256, margin: float = 
               "seed": seed, "input": common.input_identity(
                   root, list(pickles.values()),
                   [root / p / k for p in PARTS for k in ("color", "depth", "mask")])}
-    if (done := common.existing(out, source)) is not None:
+    if (done := existing(out, source)) is not None:
         return done
 
     annos = {part: load_annotations(path) for part, path in pickles.items()}

@@ -30,7 +30,7 @@ import scipy.io
 
 from cmkg import hand
 from cmkg.data.convert import common
-from cmkg.data.store import read_manifest
+from cmkg.data.store import existing, read_manifest
 from cmkg.errors import DataError
 
 SEQUENCES = [f"B{b}{kind}" for b in range(1, 7) for kind in ("Counting", "Random")]
@@ -107,7 +107,7 @@ def convert(root: str | Path, out: str | Path, size: int = 256, margin: float = 
               "dataset": "stb", "split": "paper", "size": size, "margin": margin,
               "val_fraction": val_fraction, "seed": seed, "input": common.input_identity(
                   root, list(labels.values()), [root / "images" / seq for seq in SEQUENCES])}
-    if (done := common.existing(out, source)) is not None:
+    if (done := existing(out, source)) is not None:
         return done
 
     joints, paths = {}, {}
