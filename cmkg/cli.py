@@ -179,18 +179,12 @@ def _cmd_synth(args) -> int:
 
 def _summary(cfg, stage: str) -> str:
     """Test metrics of the stage and its inputs, side by side."""
-    from cmkg.stages import Store, depends, stage_key
-
-    def chain(name: str) -> list[str]:
-        out = []
-        for dep in depends(name, cfg):
-            out += [d for d in chain(dep) if d not in out]
-        return out + [name]
+    from cmkg.stages import Store, plan
 
     store = Store.of(cfg)
     rows = []
-    for name in chain(stage):
-        art = store.get(name, stage_key(name, cfg)[0])
+    for node in plan(stage, cfg):
+        name, art = node.stage, store.get(node.stage, node.key)
         if art is None:
             continue
         metrics, spec = art.metrics, art.meta["spec"]

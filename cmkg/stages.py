@@ -27,10 +27,13 @@ separate so the Ray layer can run them inside its workers. Nothing here imports 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -59,7 +62,8 @@ from cmkg.train import (
     regularized_objective,
 )
 
-STAGE_VERSION = 1  # bump when a stage's meaning changes, to invalidate cached artifacts
+STAGE_VERSION = 2  # bump when a stage's meaning changes, to invalidate cached artifacts
+# 2: run.eval_every in the key (it decides which epoch's weights are kept)
 STAGES = ("teacher", "student", "kd", "meta", "target")
 MODALITY = {"teacher": "depth", "student": "rgb", "kd": "rgb", "meta": "rgb", "target": "rgb"}
 
@@ -195,7 +199,8 @@ def stage_spec(stage: str, cfg: Config, inputs: dict[str, str]) -> dict:
     arch = cfg.model.teacher if stage == "teacher" else cfg.model.student
     spec = {"stage": stage, "version": STAGE_VERSION, "data": data, "arch": arch,
             "modality": MODALITY[stage], "optim": asdict(cfg.optim),
-            "epochs": getattr(cfg.epochs, stage), "seed": cfg.run.seed, "inputs": inputs}
+            "epochs": getattr(cfg.epochs, stage), "eval_every": cfg.run.eval_every,
+            "seed": cfg.run.seed, "inputs": inputs}
     r = cfg.regularizer
     if stage in ("kd", "meta"):
         spec["distill"] = asdict(cfg.distill)
@@ -214,21 +219,54 @@ def _explicit_input(dep: str, cfg: Config) -> str | None:
     return cfg.regularizer.prior if dep == "meta" else getattr(cfg.inputs, dep)
 
 
-def stage_key(stage: str, cfg: Config) -> tuple[str, dict, dict[str, Artifact | None]]:
-    """(key, spec, inputs) of a stage; inputs are explicit artifacts (``inputs.teacher``,
-    ``inputs.student``, ``regularizer.prior``) or None where the upstream stage is found (or
-    trained) by its own key."""
+@dataclass
+class Node:
+    """One step of a plan: a stage, its key and spec, the config it runs with, and its inputs
+    (upstream stage -> key; ``given`` holds the inputs named explicitly by path)."""
+
+    stage: str
+    key: str
+    spec: dict
+    cfg: Config
+    inputs: dict[str, str]
+    given: dict[str, Artifact]
+
+    @property
+    def id(self) -> tuple[str, str]:
+        return self.stage, self.key
+
+
+def plan(stage: str, cfg: Config) -> list[Node]:
+    """The unique nodes ``stage`` needs, upstream first, ``stage`` last (each (stage, key) once).
+
+    This is the only walk of the stage graph: single-stage runs (``run_stage``), Ray Train runs,
+    sweeps and the ablation runner (which unions the plans of its cells) all use it. Explicit
+    inputs (``inputs.teacher``, ``inputs.student``, ``regularizer.prior``) end the walk."""
     if stage not in STAGES:
         raise UserError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
-    inputs: dict[str, Artifact | None] = {}
+    nodes: list[Node] = []
     keys: dict[str, str] = {}
+    given: dict[str, Artifact] = {}
     for dep in depends(stage, cfg):
         explicit = _explicit_input(dep, cfg)
-        role = "regularizer.prior" if dep == "meta" else f"inputs.{dep}"
-        inputs[dep] = open_artifact(explicit, cfg, role) if explicit else None
-        keys[dep] = inputs[dep].key if inputs[dep] else stage_key(dep, cfg)[0]
+        if explicit:
+            role = "regularizer.prior" if dep == "meta" else f"inputs.{dep}"
+            given[dep] = open_artifact(explicit, cfg, role)
+            keys[dep] = given[dep].key
+            continue
+        sub = plan(dep, cfg)
+        nodes += [n for n in sub if n.id not in {m.id for m in nodes}]
+        keys[dep] = sub[-1].key
     spec = stage_spec(stage, cfg, keys)
-    return digest(spec), spec, inputs
+    nodes.append(Node(stage, digest(spec), spec, cfg, keys, given))
+    return nodes
+
+
+def stage_key(stage: str, cfg: Config) -> tuple[str, dict, dict[str, Artifact | None]]:
+    """(key, spec, inputs) of a stage; inputs are explicit artifacts or None where the upstream
+    stage is found (or trained) by its own key. A view of the last node of ``plan``."""
+    node = plan(stage, cfg)[-1]
+    return node.key, node.spec, {d: node.given.get(d) for d in node.inputs}
 
 
 class Store:
@@ -324,13 +362,65 @@ def _say(msg: str) -> None:
 def run_stage(stage: str, cfg: Config, store: Store | None = None) -> Artifact:
     """Run ``stage`` (and, first, any upstream stage the store lacks); return its artifact."""
     store = store or Store.of(cfg)
-    key, spec, inputs = stage_key(stage, cfg)
-    done = store.get(stage, key)
-    if done is not None:
-        _say(f"{stage}: cached {done.path}")
-        return done
-    upstream = {dep: art or run_stage(dep, cfg, store) for dep, art in inputs.items()}
-    return _train(stage, cfg, key, spec, upstream, store)
+    done: dict[tuple[str, str], Artifact] = {}
+    for node in plan(stage, cfg):
+        done[node.id] = run_node(node, store, upstream_of(node, done))
+    return done[(stage, node.key)]
+
+
+def upstream_of(node: Node, done: dict[tuple[str, str], Artifact]) -> dict[str, Artifact]:
+    """The input artifacts of ``node``: explicit ones, else the finished upstream nodes."""
+    return {d: node.given.get(d) or done[(d, k)] for d, k in node.inputs.items()}
+
+
+def run_node(node: Node, store: Store, upstream: dict[str, Artifact],
+             train: Callable | None = None) -> Artifact:
+    """The artifact of one plan node: a cache hit, or trained by ``train`` (in-process by
+    default) while this process holds the key's writer lock. A process that finds the lock
+    held waits, then takes the cache hit: one writer per key."""
+    art = store.get(node.stage, node.key)
+    if art is not None:
+        _say(f"{node.stage}: cached {store.describe(node.stage, node.key)}")
+        return art
+    with writer_lock(store, node.stage, node.key):
+        art = store.get(node.stage, node.key)
+        if art is not None:
+            _say(f"{node.stage}: finished by another process, cached "
+                 f"{store.describe(node.stage, node.key)}")
+            return art
+        return (train or _train)(node.stage, node.cfg, node.key, node.spec, upstream, store)
+
+
+@contextlib.contextmanager
+def writer_lock(store: Store, stage: str, key: str, announce: bool = True):
+    """Exclusive right to train ``stage``/``key``: a POSIX lock (``lockf``) on
+    ``{store}/{stage}/{key}.lock`` beside the artifact. The kernel (or the NFS lock manager)
+    drops it when its owner dies, so a lock is never stale; the file names the owner for the
+    waiting side's message. With a remote store the lock lives in this machine's mirror and
+    excludes writers on this machine only (publishing stays safe: the first ``meta.json`` wins)."""
+    final = store.final(stage, key)
+    lock = final.with_name(final.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a+") as f:
+        try:
+            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            owner = f.read().strip() or "another process"
+            if announce:
+                _say(f"{stage}: {owner} is training {key[:20]}; waiting for it")
+            fcntl.lockf(f, fcntl.LOCK_EX)  # blocks until the owner publishes, fails or dies
+        f.seek(0)
+        f.truncate()
+        f.write(f"{socket.gethostname()} pid {os.getpid()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()
+            f.flush()
+            fcntl.lockf(f, fcntl.LOCK_UN)
 
 
 def _loader(ds, batch_size: int, shuffle: bool, cfg: Config, device: torch.device,

@@ -18,6 +18,7 @@ stage as a Ray task that way (what the ablation runner schedules).
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from pathlib import Path
@@ -137,19 +138,23 @@ def absolute_paths(cfg: Config) -> Config:
 def run_stage_ray(stage: str, cfg: Config, *, workers: int, gpus_per_worker: float = 0.0,
                   address: str | None = None, max_failures: int = 3) -> Artifact:
     """Run ``stage`` (and missing upstream stages, each the same way) under Ray Train."""
+    cfg = absolute_paths(cfg)
+    store = Store.of(cfg)
+    done: dict[tuple[str, str], Artifact] = {}
+    train = functools.partial(_train_ray, workers=workers, gpus_per_worker=gpus_per_worker,
+                              address=address, max_failures=max_failures)
+    for node in stages.plan(stage, cfg):
+        done[node.id] = stages.run_node(node, store, stages.upstream_of(node, done), train)
+    return done[node.id]
+
+
+def _train_ray(stage: str, cfg: Config, key: str, spec: dict, upstream: dict[str, Artifact],
+               store: Store, *, workers: int, gpus_per_worker: float, address: str | None,
+               max_failures: int) -> Artifact:
+    """One stage under a ``TorchTrainer`` (the driver holds the key's writer lock)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    cfg = absolute_paths(cfg)
-    store = Store.of(cfg)
-    key, spec, inputs = stages.stage_key(stage, cfg)
-    done = store.get(stage, key)
-    if done is not None:
-        stages._say(f"{stage}: cached {done.path}")
-        return done
-    upstream = {d: a or run_stage_ray(d, cfg, workers=workers, gpus_per_worker=gpus_per_worker,
-                                      address=address, max_failures=max_failures)
-                for d, a in inputs.items()}
     for spec_ in stages.stage_datasets(stage, cfg):  # render once here, not in every worker
         stages.ensure_dataset(spec_, cfg)
     init_ray(address)
