@@ -7,6 +7,10 @@
                [--out DIR] [--workers N [--gpus-per-worker G] [--address ADDR]]
     cmkg tune SPACE.yaml [--config FILE|PRESET] [--set key=value ...] [--out DIR] [--resume]
               [--storage URL] [--address ADDR]
+    cmkg ablate ABLATION.yaml... [--config FILE|PRESET] [--set key=value ...] [--seeds N]
+                [--address ADDR] [--dry-run] [--report DIR] [--cpus-per-task N]
+    cmkg reproduce [same options]             # ablations/table{1,2,3}.yaml, then the report
+    cmkg report [--results DIR] [--out reports]   # tables and figures from the records only
     cmkg eval-predictions --pred P.npy --gt G.npy [--vis V.npy] [--root-relative]
     cmkg figure params --without DIR --with DIR [--prior DIR] --out PNG   # Fig. 5
     cmkg config show --config FILE|PRESET [--set key=value ...]
@@ -38,6 +42,19 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config entry, e.g. --set optim.lr=1e-3 (repeatable)")
     p.add_argument("--out", help="artifact store folder (same as --set run.store=DIR)")
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    _add_config_args(p)
+    p.add_argument("--seeds", type=int, help="seeds 0..N-1 (default: the ablation file's)")
+    p.add_argument("--address", help="Ray cluster to join (auto, host:port); default: "
+                   "RAY_ADDRESS, else a local Ray started for this command")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the cells and stages, cached and to train, and the work; no training")
+    p.add_argument("--report", default="reports", help="report folder (default: reports)")
+    p.add_argument("--cpus-per-task", type=int, default=1,
+                   help="CPUs (torch threads) per stage task (default 1)")
+    p.add_argument("--gpus-per-task", type=float, default=0.0, help="GPUs per stage task")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,6 +94,19 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--storage", help="Optuna storage URL (default: SQLite beside the results)")
     tune.add_argument("--address", help="Ray cluster to join (auto, host:port); default: "
                       "RAY_ADDRESS, else a local Ray started for this command")
+
+    ablate = sub.add_parser("ablate", help="regenerate a table of the paper: rows x seeds, "
+                            "shared stages trained once, records and the report")
+    ablate.add_argument("ablation", nargs="+", help="ablation file(s), e.g. ablations/table2.yaml")
+    _add_run_args(ablate)
+    repro = sub.add_parser("reproduce", help="Tables 1-3 and Figures 4-5 (ablations/*.yaml), "
+                           "then the report")
+    repro.add_argument("--ablations", default=None,
+                       help="folder of the ablation files (default: ablations/ of this checkout)")
+    _add_run_args(repro)
+    rep = sub.add_parser("report", help="rebuild reports/ from the stored result records only")
+    rep.add_argument("--results", default=None, help="records folder (default: OUT/results)")
+    rep.add_argument("--out", default="reports", help="report folder (default: reports)")
 
     ev = sub.add_parser("eval-predictions", help="EPE / PCK / AUC of saved predictions as JSON")
     ev.add_argument("--pred", required=True, help="(N, 21, 3) predictions, mm")
@@ -227,6 +257,43 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _ablation_files(args) -> list[str]:
+    if args.command == "ablate":
+        return args.ablation
+    folder = Path(args.ablations) if args.ablations else Path(__file__).resolve().parent.parent / "ablations"
+    files = sorted(str(p) for p in folder.glob("table*.yaml"))
+    if not files:
+        raise UserError(f"--ablations {folder}: no table*.yaml ablation files there")
+    return files
+
+
+def _cmd_ablate(args) -> int:
+    import functools
+
+    from cmkg import ablation
+
+    if args.cpus_per_task < 1 or args.gpus_per_task < 0:
+        raise UserError("--cpus-per-task must be >= 1 and --gpus-per-task >= 0")
+    overrides = list(args.overrides) + ([f"run.store={args.out}"] if args.out else [])
+    execute = None
+    if not args.dry_run:
+        from cmkg.cluster.ablate import execute as ray_execute
+
+        execute = functools.partial(ray_execute, address=args.address, cpus=args.cpus_per_task,
+                                    gpus=args.gpus_per_task)
+    return ablation.run(_ablation_files(args), args.config, overrides, seeds=args.seeds,
+                        dry=args.dry_run, report_dir=args.report, execute=execute)
+
+
+def _cmd_report(args) -> int:
+    from cmkg.report import render_reports
+
+    out = Path(args.out)
+    for path in render_reports(Path(args.results) if args.results else out / "results", out):
+        print(path)
+    return 0
+
+
 def _load_npy(path: str, name: str):
     import numpy as np
 
@@ -278,13 +345,19 @@ def _cmd_config_show(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"data": _cmd_data, "train": _cmd_train, "tune": _cmd_tune,
+                "ablate": _cmd_ablate, "reproduce": _cmd_ablate, "report": _cmd_report,
                 "eval-predictions": _cmd_eval,
                 "figure": _cmd_figure, "config": _cmd_config_show}
     try:
         return handlers[args.command](args)
-    except UserError as e:
-        print(f"cmkg: error: {e}", file=sys.stderr)
-        return e.exit_code
+    except Exception as e:  # a UserError: raised here, in a Ray task or in a Ray Train worker
+        from cmkg.errors import unwrap_user_error
+
+        err = unwrap_user_error(e)
+        if err is None:
+            raise  # a crash keeps its traceback (and exit status 1)
+        print(f"cmkg: error: {err}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
         print("cmkg: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

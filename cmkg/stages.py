@@ -603,7 +603,15 @@ def _train(stage: str, cfg: Config, key: str, spec: dict, upstream: dict[str, Ar
     _say(f"{stage}: training {spec['arch']} on {MODALITY[stage]} ({len(run.train_set)} train / "
          f"{len(run.val_set)} val samples, {spec['epochs']} epochs, {device}) -> "
          f"{store.describe(stage, key)}")
-    state = fit_stage(run, cfg, spec, train_loader, val_loader, device, state, checkpoint)
+    from cmkg.errors import NumericalError
+
+    try:
+        state = fit_stage(run, cfg, spec, train_loader, val_loader, device, state, checkpoint)
+    except NumericalError:  # a diverged run is nothing to resume: leave no partial behind
+        shutil.rmtree(partial, ignore_errors=True)
+        if store.remote and storage.exists(store.fs, f"{store.location(stage, key)}.partial"):
+            store.fs.delete_dir(f"{store.location(stage, key)}.partial")
+        raise
     return publish(run, cfg, key, spec, upstream, state, test_loader, store, device, started)
 
 

@@ -128,13 +128,38 @@ class FitState:
     best_state: dict | None = None  # state_dict of the best model so far, on the CPU
 
 
-def _check_finite(sums: dict[str, Tensor], steps: int, stage: str, epoch: int) -> dict[str, float]:
+# the loss parts by their names in the paper (Eqs. 1-4, 9; Algorithm 1), for the messages
+TERMS = {"reg": "L_REG", "act": "L_ACT", "att": "L_ATT", "dist": "L_DIST", "prior": "R(theta)"}
+
+
+def _numerical_hint(stage: str, bad: dict[str, float], lr: float | None) -> str:
+    """The config keys most likely behind a non-finite loss, with their values where known."""
+    lr_key = "optim.lr" if lr is None else f"optim.lr={lr:g}"
+    if stage == "meta":
+        return f"{lr_key}, meta.alpha or meta.beta is probably too high; lower them"
+    if "att" in bad or "dist" in bad:
+        return f"{lr_key} or distill.lambda_att is probably too high; lower them"
+    if "prior" in bad:
+        return (f"{lr_key} is probably too high, or the prior R(theta) diverges "
+                "(regularizer.form, regularizer.prior); lower optim.lr")
+    return f"{lr_key} is probably too high; lower optim.lr"
+
+
+def _check_finite(sums: dict[str, Tensor], steps: int, stage: str, epoch: int, *,
+                  check_every: int = 1, lr: float | None = None) -> dict[str, float]:
     means = {k: float(v) / steps for k, v in sums.items()}
     bad = {k: v for k, v in means.items() if not math.isfinite(v)}
     if bad:
-        terms = ", ".join(f"{k}={v}" for k, v in bad.items())
-        raise NumericalError(f"stage {stage}: non-finite loss at epoch {epoch}, step {steps} "
-                             f"({terms}); lower the learning rate or check the inputs")
+        # the sums stay non-finite once a step is: it happened since the last check passed
+        first = (steps - 1) // check_every * check_every + 1
+        where = f"step {steps}" if first == steps else f"steps {first}-{steps}"
+        parts = {k: v for k, v in bad.items() if k != "loss"} or bad
+        subject = ("the total loss" if list(parts) == ["loss"]
+                   else "loss " + ", ".join(TERMS.get(k, k) for k in parts))
+        values = {str(v) for v in parts.values()}
+        what = values.pop() if len(values) == 1 else "non-finite"
+        raise NumericalError(f"{stage}: {subject} became {what} in epoch {epoch}, {where} "
+                             f"({_numerical_hint(stage, bad, lr)})")
     return means
 
 
@@ -159,6 +184,7 @@ def fit(model: nn.Module, loss_fn: LossFn | None, loader, optimizer: torch.optim
     """
     state = state or FitState()
     bar_on = progress == "auto" and sys.stderr.isatty()
+    lr = optimizer.param_groups[0]["lr"] if optimizer is not None else None  # for the messages
     for epoch in range(state.epoch + 1, epochs + 1):
         # -- train one epoch ------------------------------------------------------------------
         model.train()
@@ -185,17 +211,22 @@ def fit(model: nn.Module, loss_fn: LossFn | None, loader, optimizer: torch.optim
             total = stacked if total is None else total + stacked
             steps += 1
             if steps % check_every == 0:
-                running = _check_finite(dict(zip(parts, total)), steps, stage, epoch)
+                running = _check_finite(dict(zip(parts, total)), steps, stage, epoch,
+                                        check_every=check_every, lr=lr)
                 bar.set_postfix(loss=f"{running['loss']:.4g}", refresh=False)
             bar.update()
         bar.close()
         train = _check_finite(dict(zip(parts, total)) if total is not None else {}, max(steps, 1),
-                              stage, epoch)
+                              stage, epoch, check_every=check_every, lr=lr)
         record = {"epoch": epoch, "train": train, "train_time_s": time.perf_counter() - start}
 
         # -- validate, keep the best ----------------------------------------------------------
         if validate is not None and (epoch % eval_every == 0 or epoch == epochs):
             val = validate()
+            if not math.isfinite(val["epe_mm"]):  # the last steps' update diverged after its loss
+                raise NumericalError(f"{stage}: the weights became non-finite in epoch {epoch} "
+                                     f"(validation EPE {val['epe_mm']}; "
+                                     f"{_numerical_hint(stage, {}, lr)})")
             record["val"] = {k: val[k] for k in ("epe_mm", "auc_20_50")}
             if val["epe_mm"] < state.best_epe:
                 state.best_epe, state.best_epoch = val["epe_mm"], epoch

@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -57,16 +58,53 @@ def test_kd_objective_sums_its_named_parts(tiny_data):
 
 def test_non_finite_loss_stops_with_stage_and_term(tiny_data):
     model = models.build("resnet10", "rgb")
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 
     def nan_loss(batch):
         pred, _ = model(batch["rgb"])
         reg = pred.sum() * float("nan")
         return {"loss": reg, "reg": reg}
 
-    with pytest.raises(NumericalError, match=r"stage student: non-finite loss at epoch 1.*reg=nan"):
+    # 12 steps, checked every 5: the NaN of step 1 is found at step 5, the first check
+    with pytest.raises(NumericalError, match=r"^student: loss L_REG became nan in epoch 1, "
+                       r"steps 1-5 \(optim.lr=0.001 is probably too high; lower optim.lr\)$"):
         fit(model, nan_loss, _loader(tiny_data, ("rgb",)), opt, 1, device=torch.device("cpu"),
-            stage="student", progress="none", check_every=2)
+            stage="student", progress="none", check_every=5)
+
+
+
+def test_weights_diverging_in_the_last_step_stop_at_validation(tiny_data):
+    """One step an epoch: its loss is finite, the update it makes is not; validation finds it."""
+    from cmkg.train import evaluate
+
+    torch.manual_seed(0)
+    model = models.build("resnet10", "depth")
+    loader = _loader(tiny_data, ("depth",), batch=160)  # the 160 training samples: one step
+    opt = torch.optim.SGD(model.parameters(), lr=1e30)
+    with pytest.raises(NumericalError, match=r"^teacher: the weights became non-finite in epoch 1 "
+                       r"\(validation EPE (nan|inf); optim.lr=1e\+30 is probably too high"):
+        fit(model, regression_objective(model, "depth"), loader, opt, 1,
+            device=torch.device("cpu"), stage="teacher", progress="none",
+            validate=lambda: evaluate(model, loader, "depth", torch.device("cpu")))
+
+def test_cli_diverging_loss_is_one_message_exit_2_and_no_partial(tmp_path, capsys):
+    """optim.lr=1e8: one line naming the stage, the term and the key to lower; status 2; the
+    stage's partial folder (its checkpoint) is gone, so nothing resumes the diverged run."""
+    from cmkg import cli
+
+    args = ["train", "teacher", "--config", "smoke", "--out", str(tmp_path / "runs"),
+            "--set", f"data.root={tmp_path / 'data'}", "--set", "run.progress=none",
+            "--set", "data.source.num=120", "--set", "optim.batch_size=16",
+            "--set", "epochs.teacher=2", "--set", "run.threads=1", "--set", "optim.lr=1e8"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("cmkg: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert re.fullmatch(r"cmkg: error: teacher: loss L_REG became (nan|inf) in epoch 1, "
+                        r"steps? [-\d]+ \(optim.lr=1e\+08 is probably too high; lower optim.lr\)",
+                        lines[0]), lines[0]
+    assert not list((tmp_path / "runs").glob("teacher/*.partial"))
+    assert not list((tmp_path / "runs").glob("teacher/*/meta.json"))
 
 
 def test_stage_pipeline_caches_and_records_provenance(tiny_cfg, capsys):

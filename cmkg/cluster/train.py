@@ -14,12 +14,20 @@ Ray Train's fixed cost (worker actors, placement group, process group: about 20 
 code that already runs inside Ray (a Tune trial, a Ray task): one worker trains in that process,
 on the resources it already holds; several start a ``TorchTrainer``. ``stage_task`` runs a
 stage as a Ray task that way (what the ablation runner schedules).
+
+Bad input fails here as it does in-process: one message, no retries. The driver checks the
+datasets before Ray Train starts (``check_datasets``); a user error raised in a worker (one the
+driver cannot foresee, e.g. a loss that diverges) ends the run at once (``_stop_on_user_error``)
+and ``run_stage_ray`` raises it as itself; a Ray task raises it wrapped in a ``RayTaskError``,
+which ``unwrap_user_error`` undoes. Crashes and lost nodes keep Ray's retries and tracebacks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -27,25 +35,28 @@ import torch
 
 from cmkg import stages
 from cmkg.config import Config, from_dict
-from cmkg.errors import UserError
+from cmkg.errors import NumericalError, UserError, unwrap_user_error  # the last: see stage_task
 from cmkg.stages import Artifact, Store
 from cmkg.storage import is_uri
 
 CKPT = "checkpoint.pt"
 
 
-def init_ray(address: str | None, num_cpus: int | None = None) -> None:
-    """Join ``address`` (``auto``, ``ray://...``, ``host:port``) or start a local Ray."""
+def init_ray(address: str | None, num_cpus: int | None = None,
+             log_to_driver: bool = True) -> None:
+    """Join ``address`` (``auto``, ``ray://...``, ``host:port``) or start a local Ray.
+    ``log_to_driver=False`` keeps the workers' output in Ray's log files (the ablation runner
+    prints its own progress lines instead)."""
     import ray
 
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=log_to_driver)
     else:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-                 log_to_driver=True)
+                 log_to_driver=log_to_driver)
 
 
 def preflight(workers: int, cpus_per_worker: float, gpus_per_worker: float) -> None:
@@ -64,6 +75,60 @@ def preflight(workers: int, cpus_per_worker: float, gpus_per_worker: float) -> N
             f"cannot fit this Ray cluster ({len(nodes)} node(s), {total_cpu:g} CPUs, "
             f"{total_gpu:g} GPUs in all; at most {fits} such workers fit). Lower --workers, "
             "--gpus-per-worker or run.threads, or add nodes.")
+
+
+def _quiet_console(drop) -> None:
+    """Keep the log records ``drop(record)`` selects off the console of this process (and so off
+    the driver's terminal); Ray Train's log files under ``{session}/logs/train`` keep them."""
+    import logging
+
+    for handler in logging.getLogger("ray.train").handlers:
+        if type(handler).__name__ != "SessionFileHandler":
+            handler.addFilter(lambda record: not drop(record))
+
+
+def _worker_main(config: dict) -> None:
+    """Each Ray Train worker's function: ``_worker_loop``, with a user error (bad data, a loss
+    that diverged) raised as itself, for the driver to report in one line and not retry (see
+    ``_stop_on_user_error``), and its traceback kept off the console."""
+    try:
+        _worker_loop(config)
+    except UserError as e:
+        name = f"{type(e).__module__}.{type(e).__qualname__}: "
+        _quiet_console(lambda r: r.getMessage().startswith("Error in training function")
+                       and name in r.getMessage())
+        raise
+
+
+def _stop_on_user_error():
+    """A Ray Train callback, run in the controller, that ends the run when a worker raised a
+    user error (:class:`UserError`, :class:`NumericalError` included): it raises the error as a
+    ``ray.train.ControllerError``, which Ray Train's failure policy does not retry (it retries
+    worker-group failures up to ``FailureConfig.max_failures``, controller errors only when
+    starting the workers failed). Anything else (a crash, a lost node) is left to the retries.
+    The class is made here so that cloudpickle ships it by value: the controller imports
+    ``cmkg.errors`` only, not torch and the stages."""
+    from ray.train import ControllerError, UserCallback
+
+    class StopOnUserError(UserCallback):
+        def after_exception(self, run_context, worker_exceptions):
+            import logging
+
+            from cmkg.errors import unwrap_user_error
+
+            found = (unwrap_user_error(worker_exceptions[r]) for r in sorted(worker_exceptions))
+            err = next((e for e in found if e is not None), None)
+            if err is None:
+                return
+            # as _quiet_console (not called: that would import this module, torch included):
+            # the failure policy logs its decision on this error with a traceback
+            for handler in logging.getLogger("ray.train").handlers:
+                if type(handler).__name__ != "SessionFileHandler":
+                    handler.addFilter(lambda r: not (
+                        r.exc_info and unwrap_user_error(r.exc_info[1]) is not None))
+            raise ControllerError(err)
+
+    return StopOnUserError()
 
 
 def _worker_loop(config: dict) -> None:
@@ -148,15 +213,43 @@ def run_stage_ray(stage: str, cfg: Config, *, workers: int, gpus_per_worker: flo
     return done[node.id]
 
 
+def check_datasets(stage: str, cfg: Config) -> list[Path]:
+    """On the driver, before any worker starts, what every worker would fail on alike: each
+    dataset the stage reads has a valid manifest and the modalities the stage needs, and its
+    shards are there, match their sha256 and open (``read_split``: the in-process path's checks
+    and messages). Renders a synthetic dataset (mirrors a remote one) on first use; returns the
+    local folders."""
+    from cmkg.data import read_manifest, read_split
+
+    roots = [stages.ensure_dataset(s, cfg) for s in stages.stage_datasets(stage, cfg)]
+    need = ("rgb", "depth") if stage in ("kd", "meta") else (stages.MODALITY[stage],)
+    for i, root in enumerate(roots):
+        # a modality the manifest lacks makes read_split raise its error before reading a shard
+        lacking = [m for m in need if m not in read_manifest(root)["modalities"]]
+        for split in ("train", "val", "test") if i == 0 else ("train",):  # roots[0]: eval set
+            read_split(root, split, ["id", *lacking])
+    return roots
+
+
+def _run_name(stage: str, key: str) -> str:
+    """The Ray Train run of a stage key, stable: ``{store}/_ray/{name}`` holds its checkpoints."""
+    return f"{stage}-{key[:20]}"
+
+
 def _train_ray(stage: str, cfg: Config, key: str, spec: dict, upstream: dict[str, Artifact],
                store: Store, *, workers: int, gpus_per_worker: float, address: str | None,
                max_failures: int) -> Artifact:
     """One stage under a ``TorchTrainer`` (the driver holds the key's writer lock)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import (
+        CheckpointConfig,
+        FailureConfig,
+        RunConfig,
+        ScalingConfig,
+        TrainingFailedError,
+    )
     from ray.train.torch import TorchTrainer
 
-    for spec_ in stages.stage_datasets(stage, cfg):  # render once here, not in every worker
-        stages.ensure_dataset(spec_, cfg)
+    check_datasets(stage, cfg)  # renders a synthetic set once here, not in every worker
     init_ray(address)
     import ray
 
@@ -167,7 +260,7 @@ def _train_ray(stage: str, cfg: Config, key: str, spec: dict, upstream: dict[str
     preflight(workers, threads, gpus_per_worker)
     storage_path, storage_fs = store.ray_storage()
     trainer = TorchTrainer(
-        _worker_loop,
+        _worker_main,
         train_loop_config={"cfg": cfg.to_dict(), "stage": stage, "key": key, "spec": spec,
                            "upstream": {d: str(a.path) for d, a in upstream.items()},
                            "threads": threads},
@@ -176,15 +269,29 @@ def _train_ray(stage: str, cfg: Config, key: str, spec: dict, upstream: dict[str
                                                            "GPU": gpus_per_worker}),
         # a stable name per stage key: rerunning the same command resumes from the latest
         # checkpoint that Ray Train keeps there (ray.train.get_checkpoint in the workers)
-        run_config=RunConfig(name=f"{stage}-{key[:20]}", storage_path=storage_path,
+        run_config=RunConfig(name=_run_name(stage, key), storage_path=storage_path,
                              storage_filesystem=storage_fs,
                              failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             callbacks=[_stop_on_user_error()]),  # a user error: no retries
     )
     stages._say(f"{stage}: Ray Train, {workers} worker(s) x {threads} CPU"
                 f"{f' + {gpus_per_worker:g} GPU' if gpus_per_worker else ''} -> "
                 f"{store.describe(stage, key)}")
-    trainer.fit()
+    try:
+        trainer.fit()
+    except TrainingFailedError as e:
+        err = unwrap_user_error(e)  # the worker's own error, class and message
+        if err is None:
+            raise
+        if isinstance(err, NumericalError):  # a diverged run is nothing to resume
+            where = f"{storage_path}/{_run_name(stage, key)}"
+            with contextlib.suppress(OSError):
+                if storage_fs is None:
+                    shutil.rmtree(where)
+                else:
+                    storage_fs.delete_dir(where)
+        raise err from None
     art = store.get(stage, key)
     if art is None:
         raise RuntimeError(f"{stage}: Ray Train finished but {store.describe(stage, key)} is "
@@ -213,8 +320,11 @@ def _stage_in_task(stage: str, config: dict, threads: int) -> str:
 def stage_task(stage: str, cfg: Config, cpus: int = 1, gpus: float = 0.0):
     """Submit ``stage`` (and its missing inputs) as a Ray task that trains in-process with
     ``cpus`` threads; returns the ObjectRef of the artifact's local path. The store must be one
-    every node reaches (a shared folder or a URI)."""
+    every node reaches (a shared folder or a URI). A user error in the task is not retried
+    (``max_retries`` covers a lost worker; ``retry_exceptions`` stays off): ``ray.get`` raises
+    a ``RayTaskError`` whose ``unwrap_user_error`` is that error, class and message."""
     import ray
 
-    task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=1)(_stage_in_task)
+    task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=1,
+                      retry_exceptions=False)(_stage_in_task)
     return task.remote(stage, absolute_paths(cfg).to_dict(), cpus)
