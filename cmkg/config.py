@@ -246,6 +246,11 @@ def validate(cfg: Config) -> list[str]:
             check(spec.num >= 10, f"{name}.num", f"must be >= 10, got {spec.num}")
             check(16 <= spec.size <= 1024, f"{name}.size", f"must be in [16, 1024], got {spec.size}")
             check(spec.seed >= 0, f"{name}.seed", f"must be >= 0, got {spec.seed}")
+    aug, src = cfg.data.augment, cfg.data.source
+    if aug is not None and aug.path is None and src.path is None:
+        check(aug.size == src.size, "data.augment.size",
+              f"must equal data.source.size ({src.size}): the sets are trained on together, "
+              f"got {aug.size}")
     sp = cfg.data.split
     check(len(sp) == 3 and all(x >= 0 for x in sp) and abs(sum(sp) - 1) < 1e-6 and sp[0] > 0,
           "data.split", f"must be three non-negative fractions train/val/test summing to 1, got {sp}")
@@ -319,6 +324,18 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
+def nest(dotted: dict) -> dict:
+    """``{"optim.lr": 1e-3, "data.augment": {...}}`` -> ``{"optim": {"lr": 1e-3}, ...}``."""
+    out: dict = {}
+    for key, value in dotted.items():
+        node = out
+        parts = str(key).split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
 def parse_overrides(overrides: list[str]) -> dict:
     """``["optim.lr=1e-3", "model.student=resnet50"]`` -> nested dict; values parsed as YAML."""
     out: dict = {}
@@ -346,9 +363,12 @@ def parse_overrides(overrides: list[str]) -> dict:
     return out
 
 
-def load(config: str | None = None, overrides: list[str] | None = None) -> Config:
+def load(config: str | None = None, overrides: list[str] | None = None,
+         layers_after: list[tuple[str, dict]] | None = None) -> Config:
     """Resolve a config: ``config`` is a preset name or a YAML path (its ``preset:`` key, if
-    any, is applied first); ``overrides`` are ``key=value`` strings applied last."""
+    any, is applied first); ``layers_after`` are (source, nested mapping) layers applied next,
+    each checked on its own so a problem names its source (an ablation file's row);
+    ``overrides`` are ``key=value`` strings applied last."""
     layers: list[tuple[str, dict]] = []
     if config is None:
         user = {}
@@ -367,6 +387,7 @@ def load(config: str | None = None, overrides: list[str] | None = None) -> Confi
         layers.append((str(PRESET_DIR / f"{preset}.yaml"),
                        _read_yaml(PRESET_DIR / f"{preset}.yaml")))
     layers.append((source, user))
+    layers += layers_after or []
     if overrides:
         layers.append(("--set", parse_overrides(overrides)))
 

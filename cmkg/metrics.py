@@ -60,6 +60,7 @@ def pose_metrics(pred_mm: np.ndarray, gt_mm: np.ndarray, vis: np.ndarray | None 
         "auc_0_50": _trapezoid(curve, thresholds) / float(thresholds[-1] - thresholds[0]),
         "pck_thresholds_mm": [float(t) for t in thresholds],
         "pck": [float(p) for p in curve],
+        "per_joint_epe_mm": [float(m) for m in means],  # visible joints, in joint order
         "num_samples": int(err.shape[0]),
         "num_joints": len(means),
     }

@@ -1,0 +1,186 @@
+"""Ablation files, cells, the deduplicated plan, the runner and its records."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cmkg import ablation, cli
+from cmkg.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+ABLATIONS = sorted((ROOT / "ablations").glob("table*.yaml"))
+
+
+def _stages(nodes):
+    return Counter(n.stage for n in nodes)
+
+
+def test_shipped_files_load_and_expand(tmp_path):
+    assert [p.name for p in ABLATIONS] == ["table1.yaml", "table2.yaml", "table3.yaml"]
+    sets = [f"data.root={tmp_path}"]
+    cells = {}
+    for path in ABLATIONS:
+        ab = ablation.load(path)
+        assert path.read_text().startswith("# Table"), "each file says what it regenerates"
+        cells[ab.table] = ablation.expand(ab, "cpu", sets, seeds=3)
+    assert len(cells["table1"]) == 4 * 4 * 3
+    assert _stages(ablation.union(cells["table1"])) == {
+        "teacher": 9, "student": 18, "kd": 12}  # base, +A, bigger: teacher, student, long
+    assert len(cells["table2"]) == 7 * 3
+    assert _stages(ablation.union(cells["table2"])) == {
+        "teacher": 3, "student": 3, "meta": 6, "target": 21}
+    assert len(cells["table3"]) == 5 * 3 * 3
+    assert _stages(ablation.union(cells["table3"])) == {
+        "teacher": 3, "student": 3, "meta": 3, "target": 45}
+    every = ablation.union([c for cs in cells.values() for c in cs])
+    # Table 2's teacher and student are Table 1's row-2 ones; Table 3's stb row is Table 2's
+    assert _stages(every) == {"teacher": 9, "student": 18, "kd": 12, "meta": 6,
+                              "target": 21 + 36}
+    # one seed reseeds the whole chain: a weighted target's phi comes from its own seed
+    for c in cells["table2"]:
+        assert all(n.cfg.run.seed == c.seed for n in c.nodes)
+    # the bigger-backbone row says what it ran instead at cpu
+    spec = ablation.table_spec(ablation.load(ABLATIONS[0]), "cpu", [0, 1, 2])
+    assert any("resnet18 as the bigger backbone" in n for n in spec["notes"])
+
+
+def test_comparisons_and_paper_deltas():
+    ab = ablation.load(ROOT / "ablations" / "table2.yaml")
+    by = {(tuple(c["a"]), tuple(c["b"]), c["metric"]): c["paper_delta"] for c in ab.comparisons}
+    assert by[(("weighted l2", "target"), ("none", "target"), "epe_mm")] == pytest.approx(-7.49)
+    assert by[(("weighted l2", "target"), ("l2 σ=1e-5", "target"), "epe_mm")] == pytest.approx(
+        -3.84)
+    assert len(ab.comparisons) == 6 * 2 + 2 * 2
+    t1 = ablation.load(ROOT / "ablations" / "table1.yaml")
+    kd_rgb = [c for c in t1.comparisons if c["a"][1] == "kd" and c["b"][1] == "rgb"]
+    assert [c["paper_delta"] for c in kd_rgb] == pytest.approx([-1.27, -2.49, -2.18, -2.68])
+    assert all(c["paper_delta"] is None for c in t1.comparisons if c["b"][1] == "rgb_long")
+
+
+def _write(tmp_path, data, name="bad.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+GOOD = {"table": "tableX", "columns": {"t": {"stage": "target"}},
+        "rows": [{"label": "none", "set": {"regularizer.form": "none"}}]}
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"colums": {}}, "colums: unknown key"),
+    ({"rows": [{"label": "none", "set": {"regularizer.frm": "none"}}]},
+     "regularizer.frm: unknown key (did you mean 'form'?)"),
+    ({"rows": [{"label": "none", "set": {"optim.lr": -1}}]}, "optim.lr: must be > 0"),
+    ({"rows": [{"label": "a"}, {"label": "a"}]}, "rows[1].label: 'a' appears twice"),
+    ({"baseline_row": "nope"}, "baseline_row: 'nope' is not a row label"),
+    ({"columns": {"t": {"stage": "tarket"}}}, "columns.t.stage: must be one of"),
+    ({"rows": [{"label": "none", "paper": {"x": 1.0}}]}, "rows[0].paper.x: not a column"),
+    ({"scale": {"laptop": {}}}, "scale.laptop: not a preset"),
+])
+def test_bad_ablation_file_one_message_exit_2(tmp_path, capsys, change, expected):
+    path = _write(tmp_path, {**GOOD, **change})
+    with pytest.raises(ConfigError) as e:
+        ablation.expand(ablation.load(path), "smoke", [f"data.root={tmp_path}"])
+    assert expected in str(e.value) and str(path) in str(e.value)
+    assert cli.main(["ablate", str(path), "--config", "smoke", "--out", str(tmp_path / "r"),
+                     "--report", str(tmp_path / "rep")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("cmkg: error:") == 1 and expected in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists() and not (tmp_path / "rep").exists()
+
+
+TINY = ["data.source.num=200", "data.target.num=160", "optim.batch_size=16",
+        "data.source.size=32", "data.target.size=32",
+        "epochs.teacher=1", "epochs.student=1", "epochs.kd=1", "epochs.meta=1",
+        "epochs.target=1"]
+
+
+def _tiny_table(tmp_path, rows):
+    return _write(tmp_path, {
+        "table": "table2", "title": "tiny", "seeds": 1, "baseline_row": "none",
+        "columns": {"target": {"stage": "target", "metrics": ["epe_mm", "auc_20_50"]}},
+        "rows": rows}, "table2.yaml")
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_failing_cell_leaves_the_others_done(tmp_path, capsys):
+    """A row whose stage fails numerically (lr 1e8 -> inf) is shown as failed; the other rows
+    finish, records are written, the command exits non-zero."""
+    path = _tiny_table(tmp_path, [
+        {"label": "none", "set": {"regularizer.form": "none"}},
+        {"label": "l2", "set": {"regularizer.form": "l2", "regularizer.sigma": 1e-3}},
+        {"label": "exploding", "set": {"regularizer.form": "none", "optim.lr": 1e8}}])
+    store, rep = tmp_path / "runs", tmp_path / "rep"
+    os.environ.pop("RAY_ADDRESS", None)
+    rc = cli.main(["ablate", str(path), "--config", "smoke", "--out", str(store),
+                   "--report", str(rep), "--set", f"data.root={tmp_path / 'data'}", *sum(
+                       (["--set", s] for s in TINY), [])])
+    import ray
+
+    ray.shutdown()
+    assert rc == 1
+    from cmkg.report import load_records
+
+    spec, recs = load_records(rep / "results")["table2"]
+    status = {r["row"]: r["status"] for r in recs}
+    assert status == {"none": "done", "l2": "done", "exploding": "failed"}
+    bad = next(r for r in recs if r["row"] == "exploding")
+    assert "epoch" in bad["error"] and bad["epe_mm"] is None
+    md = (rep / "table2.md").read_text()
+    assert "failed" in md and "exploding" in md
+    assert (store / "_results" / "smoke" / "table2.parquet").is_file()
+
+
+_RUN = """
+import sys
+from cmkg import cli
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_interrupted_run_resumes_and_trains_nothing_twice(tmp_path):
+    """Kill the runner after its first finished stage; the rerun reports those stages cached,
+    trains only the rest, and no artifact is written twice (its meta.json is untouched)."""
+    path = _tiny_table(tmp_path, [
+        {"label": "none", "set": {"regularizer.form": "none"}},
+        {"label": "weighted l2", "set": {"regularizer.form": "weighted_l2"}}])
+    store, rep = tmp_path / "runs", tmp_path / "rep"
+    args = [sys.executable, "-c", _RUN, "ablate", str(path), "--config", "smoke", "--out",
+            str(store), "--report", str(rep), "--set", f"data.root={tmp_path / 'data'}",
+            *sum((["--set", s] for s in TINY), [])]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if line.startswith("[1/"):
+            break
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert any(line.startswith("[1/") for line in seen), "".join(seen)
+    time.sleep(8)  # Ray's worker processes outlive the driver briefly and may still publish
+    first = {p.parent: p.read_text() for p in store.glob("*/*/meta.json")}
+    assert 1 <= len(first) < 5  # teacher, student, meta, two targets: not all done
+    rerun = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"5 stages: {len(first)} cached, {5 - len(first)} to train" in rerun.stderr
+    after = {p.parent: p.read_text() for p in store.glob("*/*/meta.json")}
+    assert len(after) == 5
+    assert all(after[k] == v for k, v in first.items())  # nothing trained twice
+    # a third run is all cache hits and rewrites byte-identical Markdown
+    md = (rep / "table2.md").read_bytes()
+    third = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+    assert "2 cells: 2 done, 0 to run; 5 stages: 5 cached, 0 to train" in third.stderr
+    assert (rep / "table2.md").read_bytes() == md
