@@ -10,9 +10,10 @@ from cmkg import config
 
 @pytest.fixture
 def tiny_cfg(tmp_path):
-    """A seconds-long config: 32 px, a few hundred samples, resnet10, 2 epochs per stage."""
+    """A seconds-long config: 32 px, a few hundred samples, resnet10, 1-2 epochs per stage."""
     return config.load("smoke", [
         "data.source.num=240", "data.target.num=120", "optim.batch_size=16",
+        "data.source.size=32", "data.target.size=32",
         "epochs.teacher=2", "epochs.student=2", "epochs.kd=1",
         f"data.root={tmp_path / 'data'}", f"run.store={tmp_path / 'runs'}", "run.progress=none",
     ])
