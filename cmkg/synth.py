@@ -10,9 +10,18 @@ distractor shapes are tested densely against every pixel, which is cheap for a h
 Each sample is a hand-centred crop, as the RHD/STB/FreiHAND pipelines feed their networks: the
 focal length is fixed per domain, the hand's distance is chosen so it spans ``fill`` of the image.
 
-Determinism: samples are drawn in fixed blocks of ``BLOCK`` whose random streams come from
-``SeedSequence([seed, domain, block])``, so a sample's bytes depend only on (domain, seed,
-index, size), not on how generation is sharded.
+Two kinds of domain. The i.i.d. ones (rhd-like, augment, freihand-*) draw every sample
+independently. A sequence domain (stb-like) is STB's design: one subject in 12 sequences
+(B1Counting, B1Random, ..., B6Random) of temporally smooth motion, each around its own centre
+of pose, view and position, with its own background; consecutive frames are near duplicates and
+the test sequences (B1) are unseen in training (``Sequences``).
+
+Determinism: i.i.d. samples are drawn in fixed blocks of ``BLOCK`` whose random streams come
+from ``SeedSequence([seed, domain, block])``, so a sample's bytes depend only on (domain, seed,
+index, size), not on how generation is sharded. A sequence's trajectory, scene and the subject
+come from seed sequences of (seed, domain, sequence index) and (seed, domain); its frames are
+rendered in blocks of ``BLOCK`` frames whose pixel noise is seeded by (seed, domain, sequence,
+block), so a frame's bytes depend on (domain, seed, size, frames per sequence, sequence, frame).
 """
 
 from __future__ import annotations
@@ -27,11 +36,64 @@ import torch.nn.functional as F
 
 from cmkg import hand
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 1  # of the i.i.d. domains (it seeds their blocks: bumping changes them)
+SEQUENCE_VERSION = 1  # of the sequence domains
 BLOCK = 128
+SEQUENCE_FRAMES = 1500  # frames per sequence of render_range's default stream, as in STB
+ID_STRIDE = 10_000  # sequence sample id: ID_STRIDE * sequence index + frame, as STB's converter
+HARMONICS = 3
 DEPTH_KEY_SCALE = 64.0  # depth quantum in the z-buffer key: 1/64 mm
 ID_BITS = 12  # primitive ids per sample < 4096
 VIS_TOLERANCE = 1.3  # visible: surface at the joint's pixel within 1.3 radii in front of it
+
+
+STB_SEQUENCES = tuple(f"B{b}{kind}" for b in range(1, 7) for kind in ("Counting", "Random"))
+
+
+@dataclass(frozen=True)
+class Sequences:
+    """A sequence domain: one subject filmed in a few sequences of smooth motion, as STB.
+
+    Over a sequence every scene parameter is its sequence's centre plus ``amplitude * s(t)``,
+    ``s`` a zero-mean, unit-RMS sum of ``HARMONICS`` sinusoids of ``cycles`` periods per
+    sequence, ``t = frame / frames`` in [0, 1): a sequence covers the same motion whatever its
+    length, more frames only sample it more densely. ``*Counting`` sequences count up and down
+    (index, middle, ring, little, thumb extend in turn); the others wander around a grasp of
+    their own. The subject (hand shape, skin, flexion habits) and the camera's focal length are
+    the same in every sequence; the background, lighting and distractors are fixed per sequence.
+    Of the ``Domain`` fields, the view half-ranges, ``shift`` and ``fill`` bound the sequence
+    centres, ``size_*``, ``skin_*`` and ``focal`` draw the subject and camera, the appearance
+    fields apply as for an i.i.d. domain; ``pose_spread`` and ``back_prob`` are not used.
+    """
+
+    names: tuple[str, ...] = STB_SEQUENCES
+    # the paper's split of STB: B1 is the test set. Val is one more held-out sequence, so that
+    # it measures what test does, generalization to an unseen sequence (frames of a training
+    # sequence would be near duplicates of the training set and make val optimistic, ranking a
+    # weak regularizer first): B6Random, a Random sequence (the wider of the two kinds, like
+    # half of the test set), from the last block so that B2-B5 train complete
+    test: tuple[str, ...] = ("B1Counting", "B1Random")
+    val: tuple[str, ...] = ("B6Random",)
+    # where the sequences sit: the view centres are uniform in the Domain's half-ranges
+    grasp_centre: tuple[float, float] = (0.2, 0.6)  # common curl (Random sequences), uniform
+    finger_centre: float = 0.08  # std of each finger's own curl offset (Random sequences)
+    abduction_centre_deg: float = 5.0  # std of each finger's abduction
+    thumb_abduction_centre_deg: tuple[float, float] = (0.0, 30.0)  # uniform
+    # how far they move around it (RMS over the sequence)
+    cycles: tuple[float, float] = (0.5, 3.0)
+    view_deg: tuple[float, float, float] = (12.0, 10.0, 12.0)  # azimuth, elevation, roll
+    shift: float = 0.015  # crop offset, fraction of the image
+    fill: float = 0.03  # the hand's span, fraction of the image
+    grasp: float = 0.18  # common curl of the fingers (Random)
+    finger: float = 0.08  # each finger's own curl
+    abduction_deg: float = 4.0
+    light: float = 0.05  # drift of the light direction and the ambient term
+    ambient: float = 0.02
+
+    def split(self) -> dict[str, list[str]]:
+        held = set(self.test) | set(self.val)
+        return {"train": [s for s in self.names if s not in held], "val": list(self.val),
+                "test": list(self.test)}
 
 
 @dataclass(frozen=True)
@@ -69,19 +131,21 @@ class Domain:
     rgb_noise: float = 0.02
     depth_noise_mm: float = 1.0
     extras: dict = field(default_factory=dict)
+    sequences: Sequences | None = None  # None: i.i.d. samples; else a sequence domain (STB)
 
 
 DOMAINS: dict[str, Domain] = {
     # source: RHD-like, every viewpoint, varied people, textures and clutter
     "rhd-like": Domain("rhd-like", azimuth=180.0, elevation=70.0, roll=180.0, back_prob=0.0),
-    # target: STB-like, one subject in front of the camera, narrow viewpoints, indoor scenes
+    # target: STB-like, one subject in 12 sequences of smooth motion, palm towards the camera,
+    # indoor scenes; the view ranges below bound the sequence centres
     "stb-like": Domain(
-        "stb-like", azimuth=45.0, elevation=30.0, roll=35.0, back_prob=0.3, pose_spread=0.8,
+        "stb-like", azimuth=30.0, elevation=20.0, roll=25.0, back_prob=0.0, pose_spread=0.8,
         size_mean=0.95, size_std=0.02, focal=(1.8, 2.0), fill=(0.7, 0.85), shift=0.04,
         skin_tones=((0.90, 0.70, 0.58), (0.85, 0.66, 0.55)), skin_jitter=0.03, skin_texture=0.08,
         ambient=(0.35, 0.45), diffuse=(0.6, 0.75), light_tint=0.05, background="indoor",
         bg_texture=0.12, distractors=2, skin_like_distractors=0.1, occluder_prob=0.0,
-        rgb_noise=0.015),
+        rgb_noise=0.015, sequences=Sequences()),
     # the paper's extra synthetic set A: the widest variation of everything
     "augment": Domain(
         "augment", azimuth=180.0, elevation=90.0, roll=180.0, back_prob=0.0, pose_spread=1.3,
@@ -172,11 +236,16 @@ NUM_FINE = hand.NUM_JOINTS + sum(n for _, _, n in BONES)  # joint + bone spheres
 def _rotation(rng: np.random.Generator, dom: Domain, n: int) -> np.ndarray:
     """Hand-to-camera rotations (n, 3, 3). Camera: x right, y down, z forward. The base pose
     puts the fingers up (-y) and the palm towards the camera (-z)."""
-    base = np.array([[1.0, 0.0, 0.0], [0.0, -1.0, 0.0], [0.0, 0.0, -1.0]])
-    d = np.deg2rad
     az = rng.uniform(-dom.azimuth, dom.azimuth, n) + 180.0 * (rng.uniform(size=n) < dom.back_prob)
     el = rng.uniform(-dom.elevation, dom.elevation, n)
     roll = rng.uniform(-dom.roll, dom.roll, n)
+    return _view(az, el, roll)
+
+
+def _view(az: np.ndarray, el: np.ndarray, roll: np.ndarray) -> np.ndarray:
+    """Hand-to-camera rotations (n, 3, 3) from azimuth, elevation and roll (deg, (n,) each)."""
+    base = np.array([[1.0, 0.0, 0.0], [0.0, -1.0, 0.0], [0.0, 0.0, -1.0]])
+    d = np.deg2rad
     return hand.rot_z(d(roll)) @ hand.rot_x(d(el)) @ hand.rot_y(d(az)) @ base
 
 
@@ -199,46 +268,45 @@ class Scene:
     distractor_rgb: np.ndarray  # (N, D, 3)
 
 
-def sample_scene(rng: np.random.Generator, dom: Domain, n: int, size: int) -> Scene:
-    shape = hand.sample_shape(rng, n, dom.size_mean, dom.size_std)
-    pose = hand.sample_pose(rng, n, dom.pose_spread)
+def _place(shape: hand.HandShape, pose: hand.HandPose, rot: np.ndarray, f: np.ndarray,
+           fill: np.ndarray, shift: np.ndarray, size: int):
+    """Pose the hands in front of the camera: rotation ``rot`` (n, 3, 3), focal length ``f``
+    (n,) px, the hand spanning ``fill`` (n,) of the image, its box centre moved by ``shift``
+    (n, 2) image sizes off the optical axis. Returns camera-frame joints (n, 21, 3), sphere
+    centres (n, P, 3) and radii (n, P), joint radii (n, 21)."""
     local = hand.forward_kinematics(pose, shape)
     radii = hand.joint_radii(shape)
     centres, rads, _ = hand_spheres(local, radii)
-
-    rot = _rotation(rng, dom, n)
     local_all = np.concatenate([local, centres], 1) @ np.swapaxes(rot, 1, 2)  # (N, 21+P, 3)
     lo = (local_all - rads.max(1)[:, None, None]).min(1)
     hi = (local_all + rads.max(1)[:, None, None]).max(1)
     centre, half = (lo + hi) / 2, (hi - lo)[:, :2].max(1) / 2
-
-    f = size * rng.uniform(*dom.focal, n)
-    z = f * half / (rng.uniform(*dom.fill, n) * size / 2)  # distance making the hand span `fill`
+    z = f * half / (fill * size / 2)  # distance making the hand span `fill`
     z = np.maximum(z, (hi - lo)[:, 2] + 100.0)
-    offset = rng.uniform(-dom.shift, dom.shift, (n, 2)) * size * z[:, None] / f[:, None]
+    offset = shift * size * z[:, None] / f[:, None]
     trans = np.stack([offset[:, 0], offset[:, 1], z], 1) - centre
     cam = local_all + trans[:, None]
-    joints, spheres = cam[:, : hand.NUM_JOINTS], cam[:, hand.NUM_JOINTS:]
+    return cam[:, : hand.NUM_JOINTS], cam[:, hand.NUM_JOINTS:], rads, radii
 
-    K = np.zeros((n, 3, 3))
+
+def _intrinsics(f: np.ndarray, size: int) -> np.ndarray:
+    K = np.zeros((len(f), 3, 3))
     K[:, 0, 0] = K[:, 1, 1] = f
     K[:, 0, 2] = K[:, 1, 2] = size / 2
     K[:, 2, 2] = 1.0
+    return K
 
-    if dom.skin_random_hue:
-        skin = rng.uniform(0.15, 0.95, (n, 3))
-    else:
-        tones = np.array(dom.skin_tones)
-        skin = tones[rng.integers(0, len(tones), n)] + rng.normal(0, dom.skin_jitter, (n, 3))
-    light = np.concatenate([rng.uniform(-1.0, 1.0, (n, 2)), -rng.uniform(0.4, 1.2, (n, 1))], 1)
-    light /= np.linalg.norm(light, axis=1, keepdims=True)
-    light_rgb = 1.0 + rng.uniform(-dom.light_tint, dom.light_tint, (n, 3))
 
-    root_z = joints[:, 0, 2]
-    bg = np.stack([root_z + rng.uniform(150.0, 600.0, n),
-                   rng.uniform(-1.0, 1.0, n) * 200.0 / size,
-                   rng.uniform(-1.0, 1.0, n) * 200.0 / size], 1)
+def _bg_plane(rng: np.random.Generator, n: int, size: int, root_z: np.ndarray) -> np.ndarray:
+    """Background planes (n, 3): z = a + b*(u-c) + c*(v-c), 150-600 mm behind the wrist."""
+    return np.stack([root_z + rng.uniform(150.0, 600.0, n),
+                     rng.uniform(-1.0, 1.0, n) * 200.0 / size,
+                     rng.uniform(-1.0, 1.0, n) * 200.0 / size], 1)
 
+
+def _distractors(rng: np.random.Generator, dom: Domain, n: int, size: int, root_z: np.ndarray,
+                 skin: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distractor shapes (n, D, 8) and their colours (n, D, 3), see ``Scene``."""
     d = max(dom.distractors, 1)
     active = np.arange(d)[None] < rng.integers(0, dom.distractors + 1, (n, 1))
     occluder = rng.uniform(size=(n, d)) < dom.occluder_prob
@@ -258,11 +326,37 @@ def sample_scene(rng: np.random.Generator, dom: Domain, n: int, size: int) -> Sc
     distractor_rgb = np.where(skin_like[..., None],
                               skin[:, None] + rng.normal(0, 0.05, (n, d, 3)),
                               rng.uniform(0.05, 0.95, (n, d, 3)))
+    return distractors, np.clip(distractor_rgb, 0, 1)
+
+
+def sample_scene(rng: np.random.Generator, dom: Domain, n: int, size: int) -> Scene:
+    """``n`` independent scenes of an i.i.d. domain."""
+    shape = hand.sample_shape(rng, n, dom.size_mean, dom.size_std)
+    pose = hand.sample_pose(rng, n, dom.pose_spread)
+    rot = _rotation(rng, dom, n)
+    f = size * rng.uniform(*dom.focal, n)
+    fill = rng.uniform(*dom.fill, n)
+    shift = rng.uniform(-dom.shift, dom.shift, (n, 2))
+    joints, spheres, rads, radii = _place(shape, pose, rot, f, fill, shift, size)
+
+    if dom.skin_random_hue:
+        skin = rng.uniform(0.15, 0.95, (n, 3))
+    else:
+        tones = np.array(dom.skin_tones)
+        skin = tones[rng.integers(0, len(tones), n)] + rng.normal(0, dom.skin_jitter, (n, 3))
+    light = np.concatenate([rng.uniform(-1.0, 1.0, (n, 2)), -rng.uniform(0.4, 1.2, (n, 1))], 1)
+    light /= np.linalg.norm(light, axis=1, keepdims=True)
+    light_rgb = 1.0 + rng.uniform(-dom.light_tint, dom.light_tint, (n, 3))
+
+    root_z = joints[:, 0, 2]
+    bg = _bg_plane(rng, n, size, root_z)
+    distractors, distractor_rgb = _distractors(rng, dom, n, size, root_z, skin)
     return Scene(
-        joints=joints, joint_radii=radii, spheres=spheres, sphere_radii=rads, K=K,
-        skin=np.clip(skin, 0.02, 1.0), light_dir=light, light_rgb=light_rgb,
-        ambient=rng.uniform(*dom.ambient, n), diffuse=rng.uniform(*dom.diffuse, n),
-        bg_depth=bg, distractors=distractors, distractor_rgb=np.clip(distractor_rgb, 0, 1))
+        joints=joints, joint_radii=radii, spheres=spheres, sphere_radii=rads,
+        K=_intrinsics(f, size), skin=np.clip(skin, 0.02, 1.0), light_dir=light,
+        light_rgb=light_rgb, ambient=rng.uniform(*dom.ambient, n),
+        diffuse=rng.uniform(*dom.diffuse, n), bg_depth=bg, distractors=distractors,
+        distractor_rgb=distractor_rgb)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,10 +437,15 @@ def _background(gen: torch.Generator, dom: Domain, b: int, size: int) -> torch.T
     return (img + amp * stripes).clamp(0, 1)
 
 
-def render(scene: Scene, dom: Domain, size: int, gen: torch.Generator) -> dict[str, np.ndarray]:
+def render(scene: Scene, dom: Domain, size: int, gen: torch.Generator,
+           bg: torch.Tensor | None = None,
+           skin_noise: torch.Tensor | None = None) -> dict[str, np.ndarray]:
     """Render a block of scenes. Returns uint8 rgb (B,S,S,3), float32 depth mm (B,S,S),
     uint8 mask (B,S,S), float32 joints3d (B,21,3) mm, joints2d (B,21,2) px, bool vis (B,21),
-    float32 K (B,3,3)."""
+    float32 K (B,3,3).
+
+    ``bg`` (B, 3, S, S) background albedo and ``skin_noise`` (B, 1, S, S) skin-texture field
+    are drawn from ``gen`` per sample unless given (a sequence keeps both fixed)."""
     t = lambda a: torch.as_tensor(a, dtype=torch.float32)  # noqa: E731
     b, s = scene.joints.shape[0], size
     f = t(scene.K[:, 0, 0])
@@ -406,11 +505,13 @@ def render(scene: Scene, dom: Domain, size: int, gen: torch.Generator) -> dict[s
     normal = torch.where((is_dis & dball)[..., None], ball_n, normal)
 
     # albedo: textured background, coloured distractors, textured skin (optionally harmonised)
-    bg = _background(gen, dom, b, s).permute(0, 2, 3, 1)  # (B, S, S, 3)
+    bg = (_background(gen, dom, b, s) if bg is None else bg).permute(0, 2, 3, 1)  # (B, S, S, 3)
     skin = t(scene.skin)
     if dom.harmonize > 0:
         skin = (1 - dom.harmonize) * skin + dom.harmonize * bg.mean((1, 2))
-    skin_tex = 1 + dom.skin_texture * _noise_field(gen, b, 1, 6, s).permute(0, 2, 3, 1)
+    if skin_noise is None:
+        skin_noise = _noise_field(gen, b, 1, 6, s)
+    skin_tex = 1 + dom.skin_texture * skin_noise.permute(0, 2, 3, 1)
     albedo = torch.where(is_hand[..., None], skin.view(b, 1, 1, 3) * skin_tex, bg)
     dis_rgb = torch.gather(t(scene.distractor_rgb), 1, did.view(b, -1, 1).expand(b, s * s, 3))
     dis_tex = 1 + 0.5 * dom.bg_texture * (bg - bg.mean((1, 2), keepdim=True))
@@ -456,15 +557,179 @@ def _block_rngs(domain: str, seed: int, block: int) -> tuple[np.random.Generator
     return np.random.default_rng(ss), gen
 
 
-def render_range(domain: str, seed: int, size: int, start: int, stop: int) -> dict[str, np.ndarray]:
-    """Samples [start, stop) of the stream (domain, seed, size), rendered block by block."""
+# ---------------------------------------------------------------------------------------------
+# Sequence domains: one subject, smooth trajectories around per-sequence centres
+# ---------------------------------------------------------------------------------------------
+
+def _seeds(domain: str, seed: int, *key: int) -> tuple[np.random.Generator, torch.Generator]:
+    ss = np.random.SeedSequence([seed, domain_code(domain), SEQUENCE_VERSION, *key])
+    gen = torch.Generator().manual_seed(int(ss.generate_state(1, np.uint64)[0] >> 1))
+    return np.random.default_rng(ss), gen
+
+
+class _Signals:
+    """``n`` smooth zero-mean signals of unit RMS over t in [0, 1): each a sum of HARMONICS
+    sinusoids of random period, phase and weight (drawn once, evaluated at any t)."""
+
+    def __init__(self, rng: np.random.Generator, n: int, cycles: tuple[float, float]):
+        self.freq = rng.uniform(*cycles, (HARMONICS, n))
+        self.phase = rng.uniform(0.0, 2 * math.pi, (HARMONICS, n))
+        w = rng.normal(size=(HARMONICS, n))
+        self.weight = w / np.sqrt((w**2).sum(0) / 2)  # RMS of sum_k w_k sin(.) is |w| / sqrt 2
+
+    def __call__(self, t: np.ndarray) -> np.ndarray:  # (T,) -> (T, n)
+        arg = 2 * math.pi * self.freq * t[:, None, None] + self.phase
+        return (self.weight * np.sin(arg)).sum(1)
+
+
+@dataclass
+class _Subject:
+    shape: hand.HandShape  # n = 1
+    skin: np.ndarray  # (3,)
+    focal: float  # multiple of the image size
+    flex: np.ndarray  # (2, 5): MCP and PIP (thumb: MCP and IP) flexion at full curl, fraction
+
+
+def _subject(domain: str, dom: Domain, seed: int) -> _Subject:
+    rng, _ = _seeds(domain, seed, 0)
+    shape = hand.sample_shape(rng, 1, dom.size_mean, dom.size_std)
+    tones = np.array(dom.skin_tones)
+    skin = tones[rng.integers(0, len(tones))] + rng.normal(0, dom.skin_jitter, 3)
+    return _Subject(shape=shape, skin=np.clip(skin, 0.02, 1.0),
+                    focal=float(rng.uniform(*dom.focal)), flex=rng.uniform(0.7, 1.0, (2, 5)))
+
+
+# columns of a sequence's signals
+_VIEW, _SHIFT, _FILL, _GRASP, _CURL, _ABD, _THUMB_ABD, _LIGHT, _AMBIENT = (
+    slice(0, 3), slice(3, 5), 5, 6, slice(7, 12), slice(12, 16), 16, slice(17, 19), 19)
+_NUM_SIGNALS = 20
+
+
+def _sequence_scene(domain: str, dom: Domain, seed: int, seq: int, frames: np.ndarray,
+                    length: int, size: int) -> tuple[Scene, torch.Tensor, torch.Tensor]:
+    """Scenes of ``frames`` (T,) of sequence ``seq`` (``length`` frames long), with the
+    sequence's fixed background albedo (1, 3, S, S) and skin-texture field (1, 1, S, S)."""
+    sq, sub = dom.sequences, _subject(domain, dom, seed)
+    rng, gen = _seeds(domain, seed, 1, seq)
+    # -- what is fixed over the sequence (drawn in a fixed order, whatever ``frames``) ----------
+    sig = _Signals(rng, _NUM_SIGNALS, sq.cycles)
+    view0 = rng.uniform(-1.0, 1.0, 3) * np.array([dom.azimuth, dom.elevation, dom.roll])
+    shift0 = rng.uniform(-dom.shift, dom.shift, 2)
+    fill0 = rng.uniform(*dom.fill)
+    grasp0 = rng.uniform(*sq.grasp_centre)
+    curl0 = rng.normal(0.0, sq.finger_centre, 5)  # index .. little, thumb
+    abd0 = rng.normal(0.0, sq.abduction_centre_deg, 4)
+    thumb_abd0 = rng.uniform(*sq.thumb_abduction_centre_deg)
+    count_cycles, count_phase = rng.integers(1, 3), rng.uniform()
+    light0 = np.concatenate([rng.uniform(-1.0, 1.0, 2), -rng.uniform(0.4, 1.2, 1)])
+    light_rgb = 1.0 + rng.uniform(-dom.light_tint, dom.light_tint, 3)
+    ambient0, diffuse0 = rng.uniform(*dom.ambient), rng.uniform(*dom.diffuse)
+    bg_plane = _bg_plane(rng, 1, size, np.zeros(1))
+    distractors, distractor_rgb = _distractors(rng, dom, 1, size, np.zeros(1), sub.skin[None])
+    bg = _background(gen, dom, 1, size)
+    skin_noise = _noise_field(gen, 1, 1, 6, size)
+
+    # -- the trajectory at the requested frames ------------------------------------------------
+    n = len(frames)
+    s = sig(frames / length)  # (T, _NUM_SIGNALS)
+    if sq.names[seq].endswith("Counting"):  # count 0..5..0: finger k extends once count > k + 1/2
+        phase = (count_cycles * frames / length + count_phase) % 1.0
+        count = 5.4 * (1.0 - np.abs(2.0 * phase - 1.0)) - 0.2 + 0.3 * s[:, _GRASP]
+        curl = 0.85 / (1.0 + np.exp(2.5 * (count[:, None] - np.arange(5) - 0.5)))
+        curl = curl + 0.5 * sq.finger * s[:, _CURL]
+    else:
+        curl = grasp0 + sq.grasp * s[:, _GRASP, None] + curl0 + sq.finger * s[:, _CURL]
+    curl = np.clip(curl, 0.0, 1.0)  # (T, 5)
+    lim = hand.LIMITS_DEG
+    fc = curl[:, :4]
+    pip = fc * 100.0 * sub.flex[1, :4]
+    abd = (1.0 - fc) * (abd0 + sq.abduction_deg * s[:, _ABD])
+    abd_lim = np.array([lim["mcp_abd"][f] for f in hand.FINGERS[1:]])
+    fingers = np.stack([
+        np.clip(fc * 90.0 * sub.flex[0, :4], *lim["mcp_flex"]),
+        np.clip(abd, abd_lim[:, 0], abd_lim[:, 1]),
+        np.clip(pip, *lim["pip_flex"]),
+        np.clip(2.0 / 3.0 * pip, *lim["dip_flex"]),
+    ], axis=-1)
+    tc = curl[:, 4]
+    thumb = np.stack([
+        np.clip(-25.0 + 60.0 * tc, *lim["thumb_cmc_flex"]),
+        np.clip(thumb_abd0 + 1.5 * sq.abduction_deg * s[:, _THUMB_ABD], *lim["thumb_cmc_abd"]),
+        np.clip(-10.0 + 90.0 * tc * sub.flex[0, 4], *lim["thumb_mcp_flex"]),
+        np.clip(-15.0 + 95.0 * tc * sub.flex[1, 4], *lim["thumb_ip_flex"]),
+    ], axis=-1)
+    view = view0 + np.array(sq.view_deg) * s[:, _VIEW]  # (T, 3) azimuth, elevation, roll
+    shape = hand.HandShape(bones=np.repeat(sub.shape.bones, n, 0),
+                           radii=np.repeat(sub.shape.radii, n, 0),
+                           size=np.repeat(sub.shape.size, n, 0))
+    f = np.full(n, size * sub.focal)
+    fill = np.clip(fill0 + sq.fill * s[:, _FILL], 0.5, 0.95)
+    joints, spheres, rads, radii = _place(
+        shape, hand.HandPose(fingers=fingers, thumb=thumb),
+        _view(view[:, 0], view[:, 1], view[:, 2]), f, fill, shift0 + sq.shift * s[:, _SHIFT], size)
+
+    light = np.concatenate([light0[None, :2] + sq.light * s[:, _LIGHT],
+                            np.broadcast_to(light0[2:], (n, 1))], 1)
+    light /= np.linalg.norm(light, axis=1, keepdims=True)
+    root_z = joints[:, 0, 2]
+    bg_depth = np.repeat(bg_plane, n, 0)
+    bg_depth[:, 0] += root_z  # the scene keeps its distance behind the hand
+    distractors = np.repeat(distractors, n, 0)
+    distractors[..., 5] += root_z[:, None]
+    scene = Scene(
+        joints=joints, joint_radii=radii, spheres=spheres, sphere_radii=rads,
+        K=_intrinsics(f, size), skin=np.repeat(sub.skin[None], n, 0), light_dir=light,
+        light_rgb=np.repeat(light_rgb[None], n, 0),
+        ambient=ambient0 + sq.ambient * s[:, _AMBIENT], diffuse=np.full(n, diffuse0),
+        bg_depth=bg_depth, distractors=distractors,
+        distractor_rgb=np.repeat(distractor_rgb, n, 0))
+    return scene, bg, skin_noise
+
+
+def render_sequence_block(domain: str, seed: int, size: int, seq: int, block: int,
+                          length: int) -> dict[str, np.ndarray]:
+    """Frames [block * BLOCK, min((block + 1) * BLOCK, length)) of sequence ``seq`` of the
+    sequence domain ``domain``, each sequence ``length`` frames long (see ``render``)."""
+    dom = DOMAINS[domain]
+    frames = np.arange(block * BLOCK, min((block + 1) * BLOCK, length))
+    scene, bg, skin_noise = _sequence_scene(domain, dom, seed, seq, frames, length, size)
+    _, gen = _seeds(domain, seed, 2, seq, block)  # per-frame pixel and depth noise
+    n = len(frames)
+    return render(scene, dom, size, gen, bg.expand(n, -1, -1, -1),
+                  skin_noise.expand(n, -1, -1, -1))
+
+
+# ---------------------------------------------------------------------------------------------
+# The sample stream
+# ---------------------------------------------------------------------------------------------
+
+def render_range(domain: str, seed: int, size: int, start: int, stop: int,
+                 frames: int | None = None) -> dict[str, np.ndarray]:
+    """Samples [start, stop) of the stream (domain, seed, size), rendered block by block.
+
+    The stream of a sequence domain is its sequences one after the other, ``frames`` frames
+    each (default SEQUENCE_FRAMES; an i.i.d. domain ignores it): sample i is frame
+    i % frames of sequence i // frames, and the stream ends after the last sequence."""
     if domain not in DOMAINS:
         raise KeyError(f"unknown domain {domain!r}; choose one of {', '.join(DOMAINS)}")
     dom = DOMAINS[domain]
     parts = []
-    for block in range(start // BLOCK, (stop - 1) // BLOCK + 1):
-        rng, gen = _block_rngs(domain, seed, block)
-        out = render(sample_scene(rng, dom, BLOCK, size), dom, size, gen)
-        lo, hi = max(start - block * BLOCK, 0), min(stop - block * BLOCK, BLOCK)
-        parts.append({k: v[lo:hi] for k, v in out.items()})
+    if dom.sequences is None:
+        for block in range(start // BLOCK, (stop - 1) // BLOCK + 1):
+            rng, gen = _block_rngs(domain, seed, block)
+            out = render(sample_scene(rng, dom, BLOCK, size), dom, size, gen)
+            lo, hi = max(start - block * BLOCK, 0), min(stop - block * BLOCK, BLOCK)
+            parts.append({k: v[lo:hi] for k, v in out.items()})
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    frames = SEQUENCE_FRAMES if frames is None else frames
+    total = len(dom.sequences.names) * frames
+    if not 0 <= start < stop <= total:
+        raise ValueError(f"{domain}: samples [{start}, {stop}) outside its stream of "
+                         f"{len(dom.sequences.names)} sequences x {frames} frames")
+    for seq in range(start // frames, (stop - 1) // frames + 1):
+        a, b = max(start - seq * frames, 0), min(stop - seq * frames, frames)
+        for block in range(a // BLOCK, (b - 1) // BLOCK + 1):
+            out = render_sequence_block(domain, seed, size, seq, block, frames)
+            lo, hi = max(a - block * BLOCK, 0), min(b - block * BLOCK, BLOCK)
+            parts.append({k: v[lo:hi] for k, v in out.items()})
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

@@ -250,15 +250,47 @@ def existing(out: Path, source: dict) -> dict | None:
 
 def synth_source(domain: str, num: int, size: int, seed: int,
                  split: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> dict:
-    """The generator config that content-addresses a synthetic dataset."""
-    return {"generator": "cmkg.synth", "version": synth.GENERATOR_VERSION, "domain": domain,
-            "num": int(num), "size": int(size), "seed": int(seed),
-            "split": [float(x) for x in split]}
+    """The generator config that content-addresses a synthetic dataset.
+
+    A sequence domain (stb-like) is split by sequence, not by ``split``: its source records
+    the sequences of each split and the frames per sequence instead of the fractions."""
+    source = {"generator": "cmkg.synth", "version": synth.GENERATOR_VERSION, "domain": domain,
+              "num": int(num), "size": int(size), "seed": int(seed)}
+    seqs = synth.DOMAINS[domain].sequences if domain in synth.DOMAINS else None
+    if seqs is None:
+        return {**source, "split": [float(x) for x in split]}
+    return {**source, "sequence_version": synth.SEQUENCE_VERSION,
+            "frames_per_sequence": int(num) // len(seqs.names), "split_by": "sequence",
+            "sequences": seqs.split()}
 
 
 def split_counts(num: int, split: tuple[float, float, float]) -> dict[str, int]:
     val, test = round(num * split[1]), round(num * split[2])
     return {"train": num - val - test, "val": val, "test": test}
+
+
+def _blocks(domain: str, num: int, split: tuple[float, float, float]):
+    """What to render, in writing order: (split, stream start, stream stop, sample ids).
+
+    i.i.d. domain: contiguous, disjoint ranges of the sample stream, train first, then val,
+    then test, ids = stream indices. Sequence domain: every sequence of a split, whole, ids
+    ``ID_STRIDE * sequence index + frame``."""
+    seqs = synth.DOMAINS[domain].sequences
+    if seqs is None:
+        counts, first = split_counts(num, split), 0
+        for name in SPLITS:
+            for lo in range(first, first + counts[name], synth.BLOCK):
+                hi = min(lo + synth.BLOCK, first + counts[name])
+                yield name, lo, hi, np.arange(lo, hi)
+            first += counts[name]
+        return
+    frames = num // len(seqs.names)
+    for name, members in seqs.split().items():
+        for seq in (seqs.names.index(m) for m in members):
+            for lo in range(0, frames, synth.BLOCK):
+                hi = min(lo + synth.BLOCK, frames)
+                ids = synth.ID_STRIDE * seq + np.arange(lo, hi)
+                yield name, seq * frames + lo, seq * frames + hi, ids
 
 
 def synthesize(out: str | Path, domain: str, num: int, size: int, seed: int = 0,
@@ -267,48 +299,57 @@ def synthesize(out: str | Path, domain: str, num: int, size: int, seed: int = 0,
     """Render ``num`` paired samples of ``domain`` into the dataset folder ``out``.
 
     Reuses ``out`` when it already holds this exact config (returns its manifest); refuses to
-    overwrite a different dataset. Splits are contiguous, disjoint ranges of the sample stream:
-    train first, then val, then test."""
+    overwrite a different dataset. An i.i.d. domain is split into contiguous, disjoint ranges
+    of the sample stream by the ``split`` fractions: train first, then val, then test. A
+    sequence domain (stb-like) ignores ``split``: it renders ``num // S`` frames of each of its
+    S sequences (the remainder ``num % S`` is dropped, so the dataset holds S * (num // S)
+    samples) and splits by sequence, B1Counting and B1Random -> test, B6Random -> val, the
+    rest -> train (``synth.Sequences``; the manifest's source lists them)."""
     if domain not in synth.DOMAINS:
         raise DataError(f"unknown domain {domain!r}; choose one of {', '.join(synth.DOMAINS)}")
+    seqs = synth.DOMAINS[domain].sequences
+    if seqs is not None and not 1 <= num // len(seqs.names) < synth.ID_STRIDE:
+        raise DataError(f"{domain}: num={num} samples for {len(seqs.names)} sequences; it "
+                        f"needs between 1 and {synth.ID_STRIDE - 1} frames per sequence")
     out = Path(out)
     source = synth_source(domain, num, size, seed, split)
     if (done := existing(out, source)) is not None:
         return done
     if out.exists():
         out.rmdir()
-    counts = split_counts(num, split)
     start = time.perf_counter()
     try:
-        _render_into(out, source, domain, seed, size, counts, shard_size, progress, start)
+        _render_into(out, source, domain, seed, size, num, split, shard_size, progress, start)
     except OSError:
         # another process (a second worker) published the same dataset first: use theirs
         if (out / "manifest.json").exists() and read_manifest(out).get("key") == config_key(source):
             return read_manifest(out)
         raise
+    manifest = read_manifest(out)
     if progress:
-        rate = num / (time.perf_counter() - start)
-        print(f"\rsynth {domain}: {num} samples at {size}px in {out} ({rate:.0f}/s)",
+        rate = manifest["num"] / (time.perf_counter() - start)
+        print(f"\rsynth {domain}: {manifest['num']} samples at {size}px in {out} ({rate:.0f}/s)",
               file=sys.stderr, flush=True)
-    return read_manifest(out)
+    return manifest
 
 
-def _render_into(out: Path, source: dict, domain: str, seed: int, size: int,
-                 counts: dict[str, int], shard_size: int, progress: bool, start: float) -> None:
-    num = sum(counts.values())
+def _render_into(out: Path, source: dict, domain: str, seed: int, size: int, num: int,
+                 split: tuple[float, float, float], shard_size: int, progress: bool,
+                 start: float) -> None:
+    seqs = synth.DOMAINS[domain].sequences
+    # the stream of a sequence domain depends on its length: pass it (positionally) then only
+    extra = () if seqs is None else (num // len(seqs.names),)
+    blocks = list(_blocks(domain, num, split))
+    total = sum(hi - lo for _, lo, hi, _ in blocks)
     done = 0
     with DatasetWriter(out, source, size, with_depth=True, shard_size=shard_size) as writer:
-        first = 0
-        for name in SPLITS:
-            for lo in range(first, first + counts[name], synth.BLOCK):
-                hi = min(lo + synth.BLOCK, first + counts[name])
-                writer.add(name, synth.render_range(domain, seed, size, lo, hi), first_id=lo)
-                done += hi - lo
-                if progress and sys.stderr.isatty():
-                    rate = done / (time.perf_counter() - start)
-                    print(f"\rsynth {domain}: {done}/{num} samples ({rate:.0f}/s)", end="",
-                          file=sys.stderr, flush=True)
-            first += counts[name]
+        for name, lo, hi, ids in blocks:
+            writer.add(name, synth.render_range(domain, seed, size, lo, hi, *extra), ids=ids)
+            done += hi - lo
+            if progress and sys.stderr.isatty():
+                rate = done / (time.perf_counter() - start)
+                print(f"\rsynth {domain}: {done}/{total} samples ({rate:.0f}/s)", end="",
+                      file=sys.stderr, flush=True)
 
 
 def joint_targets(joints3d: np.ndarray) -> dict[str, np.ndarray]:
