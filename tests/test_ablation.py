@@ -33,16 +33,16 @@ def test_shipped_files_load_and_expand(tmp_path):
     assert len(cells["table1"]) == 4 * 4 * 3
     assert _stages(ablation.union(cells["table1"])) == {
         "teacher": 9, "student": 18, "kd": 12}  # base, +A, bigger: teacher, student, long
-    assert len(cells["table2"]) == 7 * 3
+    assert len(cells["table2"]) == 9 * 3  # the paper's 7 rows and 2 constant-l2 rows of ours
     assert _stages(ablation.union(cells["table2"])) == {
-        "teacher": 3, "student": 3, "meta": 6, "target": 21}
+        "teacher": 3, "student": 3, "meta": 6, "target": 27}
     assert len(cells["table3"]) == 5 * 3 * 3
     assert _stages(ablation.union(cells["table3"])) == {
         "teacher": 3, "student": 3, "meta": 3, "target": 45}
     every = ablation.union([c for cs in cells.values() for c in cs])
     # Table 2's teacher and student are Table 1's row-2 ones; Table 3's stb row is Table 2's
     assert _stages(every) == {"teacher": 9, "student": 18, "kd": 12, "meta": 6,
-                              "target": 21 + 36}
+                              "target": 27 + 36}
     # one seed reseeds the whole chain: a weighted target's phi comes from its own seed
     for c in cells["table2"]:
         assert all(n.cfg.run.seed == c.seed for n in c.nodes)
@@ -57,7 +57,7 @@ def test_comparisons_and_paper_deltas():
     assert by[(("weighted l2", "target"), ("none", "target"), "epe_mm")] == pytest.approx(-7.49)
     assert by[(("weighted l2", "target"), ("l2 σ=1e-5", "target"), "epe_mm")] == pytest.approx(
         -3.84)
-    assert len(ab.comparisons) == 6 * 2 + 2 * 2
+    assert len(ab.comparisons) == 8 * 2 + 2 * 2
     t1 = ablation.load(ROOT / "ablations" / "table1.yaml")
     kd_rgb = [c for c in t1.comparisons if c["a"][1] == "kd" and c["b"][1] == "rgb"]
     assert [c["paper_delta"] for c in kd_rgb] == pytest.approx([-1.27, -2.49, -2.18, -2.68])
