@@ -537,7 +537,8 @@ def run(paths: list[str], base_config: str | None, overrides: list[str], *,
         if art is not None:
             done[n.id] = art
     _say(status_line(cells, nodes, set(done)))
-    todo = [n for n in nodes if n.id not in done]
+    # seed by seed (stable, so upstream stays first): an interrupted run has whole seeds
+    todo = sorted((n for n in nodes if n.id not in done), key=lambda n: n.cfg.run.seed)
     failed: dict[tuple[str, str], str] = {}
     started = time.time()
     if todo:
