@@ -31,6 +31,7 @@ bench: setup
 	$(BIN)/python bench/bench_convert.py
 	$(BIN)/python bench/bench_ray.py
 	$(BIN)/python bench/bench_tune.py
+	$(BIN)/python bench/bench_ablate.py
 
 clean:
 	rm -rf $(VENV) runs data .pytest_cache

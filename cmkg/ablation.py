@@ -485,8 +485,8 @@ def dry_run(abs_cells: list[tuple[Ablation, list[Cell]]], store: stages.Store) -
     kinds = ", ".join(f"{k} {len(v)}" for k, v in by_kind.items()) or "nothing"
     lines.append(status_line(all_cells, nodes, cached))
     if total:
-        est = (f"about {format_duration(total * float(np.median(rates)))} of training at the "
-               f"rate of the {len(rates)} cached stage(s)" if rates
+        est = (f"about {format_duration(total * float(np.median(rates)))} of training, summed over "
+               f"stages, at the rate of the {len(rates)} cached stage(s)" if rates
                else "no finished stage in the store to estimate a rate from")
         lines.append(f"to train: {kinds}; {total / 1e6:.2f} M sample-epochs (64 px resnet10 "
                      f"equivalents), {est}")

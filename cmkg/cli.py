@@ -9,6 +9,7 @@
               [--storage URL] [--address ADDR]
     cmkg ablate ABLATION.yaml... [--config FILE|PRESET] [--set key=value ...] [--seeds N]
                 [--address ADDR] [--dry-run] [--report DIR] [--cpus-per-task N]
+                [--gpus-per-task G] [--workers N]
     cmkg reproduce [same options]             # ablations/table{1,2,3}.yaml, then the report
     cmkg report [--results DIR] [--out reports]   # tables and figures from the records only
     cmkg eval-predictions --pred P.npy --gt G.npy [--vis V.npy] [--root-relative]
@@ -54,7 +55,11 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report", default="reports", help="report folder (default: reports)")
     p.add_argument("--cpus-per-task", type=int, default=1,
                    help="CPUs (torch threads) per stage task (default 1)")
-    p.add_argument("--gpus-per-task", type=float, default=0.0, help="GPUs per stage task")
+    p.add_argument("--gpus-per-task", type=float, default=0.0,
+                   help="GPUs per stage task (per Ray Train worker with --workers)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="train every stage under Ray Train with N data-parallel workers "
+                   "(default 1: in-process inside its task)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -272,15 +277,15 @@ def _cmd_ablate(args) -> int:
 
     from cmkg import ablation
 
-    if args.cpus_per_task < 1 or args.gpus_per_task < 0:
-        raise UserError("--cpus-per-task must be >= 1 and --gpus-per-task >= 0")
+    if args.cpus_per_task < 1 or args.gpus_per_task < 0 or args.workers < 1:
+        raise UserError("--cpus-per-task and --workers must be >= 1 and --gpus-per-task >= 0")
     overrides = list(args.overrides) + ([f"run.store={args.out}"] if args.out else [])
     execute = None
     if not args.dry_run:
         from cmkg.cluster.ablate import execute as ray_execute
 
         execute = functools.partial(ray_execute, address=args.address, cpus=args.cpus_per_task,
-                                    gpus=args.gpus_per_task)
+                                    gpus=args.gpus_per_task, workers=args.workers)
     return ablation.run(_ablation_files(args), args.config, overrides, seeds=args.seeds,
                         dry=args.dry_run, report_dir=args.report, execute=execute)
 

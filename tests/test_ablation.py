@@ -184,3 +184,24 @@ def test_interrupted_run_resumes_and_trains_nothing_twice(tmp_path):
     third = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
     assert "2 cells: 2 done, 0 to run; 5 stages: 5 cached, 0 to train" in third.stderr
     assert (rep / "table2.md").read_bytes() == md
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_workers_run_each_stage_under_ray_train(tmp_path):
+    """--workers 2: the cell's stage trains under Ray Train (a run under {store}/_ray), driven
+    from its task, and its record is written like any other."""
+    path = _tiny_table(tmp_path, [{"label": "none", "set": {"regularizer.form": "none"}}])
+    store, rep = tmp_path / "runs", tmp_path / "rep"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run(
+        [sys.executable, "-c", _RUN, "ablate", str(path), "--config", "smoke", "--workers", "2",
+         "--out", str(store), "--report", str(rep), "--set", f"data.root={tmp_path / 'data'}",
+         *sum((["--set", s] for s in TINY), [])],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert list(store.glob("_ray/target-*")), "the stage did not go through Ray Train"
+    from cmkg.report import load_records
+
+    _, recs = load_records(rep / "results")["table2"]
+    assert [r["status"] for r in recs] == ["done"]
