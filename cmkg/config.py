@@ -81,6 +81,16 @@ class DistillConfig:
 
 
 @dataclass
+class ReductionConfig:
+    """How each loss reduces its elements (``cmkg.losses``); every choice still averages over
+    the batch. The defaults are the code's original choices, so they move no number and no key."""
+
+    reg: str = "sum"  # L_REG: sum over the 21x3 coordinates (Eq. 1) | mean: also /63 (nn.MSELoss)
+    act: str = "mean"  # L_ACT: mean over B, C, H, W | sum: over C, H, W (Eq. 2 literally)
+    att: str = "mean"  # L_ATT: mean over B and positions | sum: over positions (Eq. 3 literally)
+
+
+@dataclass
 class RegularizerConfig:
     """R(theta) of the target stage (Table 2) and the form whose phi the meta stage learns."""
 
@@ -131,6 +141,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     epochs: EpochsConfig = field(default_factory=EpochsConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    reduction: ReductionConfig = field(default_factory=ReductionConfig)
     regularizer: RegularizerConfig = field(default_factory=RegularizerConfig)
     meta: MetaConfig = field(default_factory=MetaConfig)
     inputs: InputsConfig = field(default_factory=InputsConfig)
@@ -269,6 +280,12 @@ def validate(cfg: Config) -> list[str]:
     check(cfg.distill.lambda_att >= 0, "distill.lambda_att", "must be >= 0")
     check(bool(cfg.distill.att_layers) and all(1 <= i <= 4 for i in cfg.distill.att_layers),
           "distill.att_layers", f"must list layers among 1..4, got {cfg.distill.att_layers}")
+    from cmkg.losses import REDUCTIONS
+
+    for term, choices in REDUCTIONS.items():
+        value = getattr(cfg.reduction, term)
+        check(value in choices, f"reduction.{term}",
+              f"must be {' or '.join(choices)}, got {value!r}")
     from cmkg.regularizers import FORMS
 
     r = cfg.regularizer

@@ -21,6 +21,8 @@ Implementation notes:
 - ``first_order`` drops those Hessian-vector terms but keeps the path through R; for weighted l2
   with SGD this is the elementwise recursion J_{i+1} = J_i (1 - 2 alpha phi) - 2 alpha theta_i''.
 - The teacher forward on x~ serves steps 2 and 3; the student forward at theta_k serves 1 and 3.
+- ``reduction`` (term -> sum | mean, ``cmkg.losses``) applies to L_REG in F and G and to L_ACT,
+  L_ATT in G alike.
 
 Stability with the paper's unconstrained phi (a negative phi_i boosts theta_i, so F is unbounded
 below). Three things keep a run finite, each tested:
@@ -37,14 +39,14 @@ below). Three things keep a run finite, each tested:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from cmkg.errors import NumericalError
-from cmkg.losses import distillation_loss, regression_loss
+from cmkg.losses import distillation_loss, reductions, regression_loss
 from cmkg.regularizers import Regularizer
 
 Params = dict[str, Tensor]
@@ -57,7 +59,8 @@ def _local(tensors: list[Tensor], differentiable: bool = False) -> list[Tensor]:
 
 def unroll(model: nn.Module, reg: Regularizer, theta0: Params, buffers: Params, x: Tensor,
            y: Tensor, *, alpha: float, steps: int, first_order: bool = False,
-           grad0: Params | None = None, reduce: Reduce = _local) -> Params:
+           grad0: Params | None = None, reduce: Reduce = _local,
+           reduction: Mapping[str, str] | None = None) -> Params:
     """theta_l'' after ``steps`` differentiable SGD steps on F from ``theta0`` (Alg. 1, E-step).
 
     ``grad0``: grad L_REG(theta0) if the caller has it (from a shared forward); it carries no
@@ -65,12 +68,13 @@ def unroll(model: nn.Module, reg: Regularizer, theta0: Params, buffers: Params, 
     data-parallel workers (``cmkg.parallel.mean_across``) so every worker unrolls the step of
     the global batch."""
     theta = theta0
+    red = reductions(reduction)["reg"]
     for i in range(steps):
         if i == 0 and grad0 is not None:
             g = grad0
         else:
             pred, _ = functional_call(model, {**theta, **buffers}, (x,))
-            loss = regression_loss(pred, y)
+            loss = regression_loss(pred, y, red)
             keep = not first_order and i > 0  # theta_0'' is a constant in phi
             grads = torch.autograd.grad(loss, list(theta.values()), create_graph=keep)
             g = dict(zip(theta, reduce(list(grads), keep)))
@@ -82,14 +86,16 @@ def unroll(model: nn.Module, reg: Regularizer, theta0: Params, buffers: Params, 
 
 def objective_g(student: nn.Module, adapter: nn.Module, params: Params, buffers: Params,
                 x: Tensor, y: Tensor, teacher_acts: list[Tensor], *, losses: list[str],
-                lambda_att: float, att_layers: list[int]) -> dict[str, Tensor]:
+                lambda_att: float, att_layers: list[int],
+                reduction: Mapping[str, str] | None = None) -> dict[str, Tensor]:
     """G = L_REG + L_DIST of the student at ``params`` against fixed teacher activations."""
+    red = reductions(reduction)
     pred, acts = functional_call(student, {**params, **buffers}, (x,))
     picks = [i - 1 for i in att_layers]
-    reg = regression_loss(pred, y)
+    reg = regression_loss(pred, y, red["reg"])
     parts = distillation_loss(adapter(acts[-1]), teacher_acts[-1], [acts[i] for i in picks],
                               [teacher_acts[i] for i in picks], lambda_att=lambda_att,
-                              use_act="act" in losses, use_att="att" in losses)
+                              use_act="act" in losses, use_att="att" in losses, reduction=red)
     return {"G": reg + parts["dist"], "reg": reg, **parts}
 
 
@@ -97,7 +103,7 @@ def meta_gradient(student: nn.Module, adapter: nn.Module, reg: Regularizer, batc
                   teacher_acts: list[Tensor], *, alpha: float, steps: int, first_order: bool,
                   losses: list[str], lambda_att: float, att_layers: list[int],
                   grad0: Params | None = None, reduce: Reduce = _local,
-                  ) -> tuple[list[Tensor], Tensor]:
+                  reduction: Mapping[str, str] | None = None) -> tuple[list[Tensor], Tensor]:
     """d G(theta_l''(phi)) / d raw-phi at the student's current weights, and that G (this
     worker's share; ``reduce`` averages the gradient over workers).
 
@@ -106,9 +112,9 @@ def meta_gradient(student: nn.Module, adapter: nn.Module, reg: Regularizer, batc
     buffers = {n: b.clone() for n, b in student.named_buffers()}
     x, y = batch["rgb"], batch["target"]
     theta = unroll(student, reg, theta0, buffers, x, y, alpha=alpha, steps=steps,
-                   first_order=first_order, grad0=grad0, reduce=reduce)
+                   first_order=first_order, grad0=grad0, reduce=reduce, reduction=reduction)
     g = objective_g(student, adapter, theta, buffers, x, y, teacher_acts, losses=losses,
-                    lambda_att=lambda_att, att_layers=att_layers)["G"]
+                    lambda_att=lambda_att, att_layers=att_layers, reduction=reduction)["G"]
     return reduce(list(torch.autograd.grad(g, list(reg.raw))), False), g.detach()
 
 
@@ -117,7 +123,8 @@ def meta_iteration(student: nn.Module, adapter: nn.Module, teacher: nn.Module,
                    phi_opt: torch.optim.Optimizer, *, alpha: float, steps: int,
                    first_order: bool, losses: list[str], lambda_att: float,
                    att_layers: list[int], phi_clip: tuple[float, float] | None = None,
-                   reduce: Reduce = _local) -> dict[str, Tensor]:
+                   reduce: Reduce = _local, reduction: Mapping[str, str] | None = None,
+                   ) -> dict[str, Tensor]:
     """One iteration of Algorithm 1: updates phi (``phi_opt``, SGD with lr beta) and theta
     (``theta_opt``, Adam) in place; returns the named parts for the logs.
 
@@ -131,7 +138,7 @@ def meta_iteration(student: nn.Module, adapter: nn.Module, teacher: nn.Module,
     params = dict(student.named_parameters())
     side = [p for p in adapter.parameters() if p.requires_grad]
     g_k = objective_g(student, adapter, params, {}, x, y, t_acts, losses=losses,
-                      lambda_att=lambda_att, att_layers=att_layers)
+                      lambda_att=lambda_att, att_layers=att_layers, reduction=reduction)
     grad_reg = reduce(list(torch.autograd.grad(g_k["reg"], list(params.values()),
                                                retain_graph=True)), False)
     grad_dist = torch.autograd.grad(g_k["dist"], [*params.values(), *side], allow_unused=True)
@@ -145,7 +152,7 @@ def meta_iteration(student: nn.Module, adapter: nn.Module, teacher: nn.Module,
     phi_grads, g_inner = meta_gradient(
         student, adapter, reg, batch, t_acts, alpha=alpha, steps=steps, first_order=first_order,
         losses=losses, lambda_att=lambda_att, att_layers=att_layers,
-        grad0=dict(zip(params, grad_reg)), reduce=reduce)
+        grad0=dict(zip(params, grad_reg)), reduce=reduce, reduction=reduction)
     for r, g in zip(reg.raw, phi_grads):
         r.grad = g
     phi_norm = torch.sqrt(sum(g.pow(2).sum() for g in phi_grads))

@@ -45,11 +45,12 @@ import numpy as np
 import pyarrow.fs as pafs
 import torch
 
-from cmkg import __version__, models, parallel, regularizers, storage
+from cmkg import __version__, diagnostics, models, parallel, regularizers, storage
 from cmkg.atomic import atomic_path, torch_save, write_json, write_yaml
 from cmkg.config import Config, DataSpec, digest
 from cmkg.data import HandDataset, identity_collate, read_manifest, synth_source, synthesize
 from cmkg.errors import DataError, UserError
+from cmkg.losses import DEFAULT_REDUCTION
 from cmkg.meta import check_phi, meta_iteration, phi_bounds
 from cmkg.metrics import denormalise, pose_metrics
 from cmkg.regularizers import WEIGHTED, Regularizer
@@ -212,6 +213,13 @@ def stage_spec(stage: str, cfg: Config, inputs: dict[str, str]) -> dict:
         spec["regularizer"] = {"form": r.form, "params": r.params}
         if r.form in ("l1", "l2"):
             spec["regularizer"]["sigma"] = r.sigma
+    # the loss reductions of the terms a stage uses enter its key only where they differ from
+    # the defaults: the defaults are the behaviour from before reductions were a choice, so the
+    # keys (and cached artifacts) of default runs stay what they were
+    terms = ("reg", "act", "att") if stage in ("kd", "meta") else ("reg",)
+    reduction = {t: getattr(cfg.reduction, t) for t in terms}
+    if any(reduction[t] != DEFAULT_REDUCTION[t] for t in terms):
+        spec["reduction"] = reduction
     return spec
 
 
@@ -448,6 +456,7 @@ class StageRun:
     eval_root: Path
     regularizer: Regularizer | None = None
     wrapped: torch.nn.Module | None = None  # trainable as fit() drives it (DDP under Ray)
+    diagnose: Callable[[int], dict] | None = None  # total steps K -> an epoch's diagnostics
 
 
 def build_stage(stage: str, cfg: Config, spec: dict, upstream: dict[str, Artifact],
@@ -484,7 +493,7 @@ def build_stage(stage: str, cfg: Config, spec: dict, upstream: dict[str, Artifac
                    train_roots, eval_root)
     if stage in ("teacher", "student"):
         run.wrapped = wrap(model)
-        run.loss_fn = regression_objective(run.wrapped, modality)
+        run.loss_fn = regression_objective(run.wrapped, modality, reduction=asdict(cfg.reduction))
         run.optimizers = [adam(model.parameters())]
     elif stage in ("kd", "meta"):
         model.load_state_dict(upstream["student"].load_model().state_dict())  # warm start
@@ -494,7 +503,13 @@ def build_stage(stage: str, cfg: Config, spec: dict, upstream: dict[str, Artifac
             run.trainable = models.StudentWithAdapter(model, adapter)
             run.optimizers = [adam(run.trainable.parameters())]
             run.wrapped = wrap(run.trainable)
-            run.loss_fn = distillation_objective(run.wrapped, teacher, **asdict(cfg.distill))
+            run.loss_fn = distillation_objective(run.wrapped, teacher, **asdict(cfg.distill),
+                                                 reduction=asdict(cfg.reduction))
+            run.diagnose = diagnostics.distill_diagnose(  # on the bare modules: no DDP collectives
+                distillation_objective(run.trainable, teacher, **asdict(cfg.distill),
+                                       reduction=asdict(cfg.reduction)),
+                diagnostics.fixed_batch(train_set, cfg.optim.batch_size, device), model,
+                cfg.distill.lambda_att)
         else:  # no DDP for Algorithm 1: gradients are averaged by hand (parallel.mean_across)
             run.trainable = torch.nn.ModuleDict({"student": model, "adapter": adapter})
             run.optimizers = [adam(run.trainable.parameters())]
@@ -513,7 +528,11 @@ def build_stage(stage: str, cfg: Config, spec: dict, upstream: dict[str, Artifac
             run.update = lambda batch: meta_iteration(
                 model, adapter, teacher, reg, batch, run.optimizers[0], phi_opt, alpha=m.alpha,
                 steps=m.inner_steps, first_order=m.first_order, phi_clip=clip,
-                reduce=parallel.mean_across, **asdict(cfg.distill))
+                reduce=parallel.mean_across, **asdict(cfg.distill), reduction=asdict(cfg.reduction))
+            run.diagnose = diagnostics.meta_diagnose(
+                model, adapter, teacher, diagnostics.fixed_batch(train_set, cfg.optim.batch_size,
+                                                                 device),
+                **asdict(cfg.distill), reduction=asdict(cfg.reduction))
     else:  # target: a fresh student, F = L_REG + R(theta; phi_META) (Algorithm 2)
         r = cfg.regularizer
         if r.form in WEIGHTED:
@@ -533,8 +552,13 @@ def build_stage(stage: str, cfg: Config, spec: dict, upstream: dict[str, Artifac
             reg = regularizers.build(r.form, model, params=r.params, sigma=r.sigma)
         run.regularizer = reg = reg.to(device)
         run.wrapped = wrap(model)
-        run.loss_fn = regularized_objective(run.wrapped, reg, model)
+        run.loss_fn = regularized_objective(run.wrapped, reg, model,
+                                            reduction=asdict(cfg.reduction))
         run.optimizers = [adam(model.parameters())]
+        run.diagnose = diagnostics.target_diagnose(  # on the bare model: no DDP collectives
+            regularized_objective(model, reg, reduction=asdict(cfg.reduction)),
+            diagnostics.fixed_batch(train_set, cfg.optim.batch_size, device), model, reg,
+            run.optimizers[0])
     if run.wrapped is None:
         run.wrapped = run.trainable
     return run
@@ -617,13 +641,16 @@ def _train(stage: str, cfg: Config, key: str, spec: dict, upstream: dict[str, Ar
 
 def fit_stage(run: StageRun, cfg: Config, spec: dict, train_loader, val_loader,
               device: torch.device, state: FitState, report: Callable) -> FitState:
-    """``fit()`` with the stage's objective or update step, validating on the eval set."""
+    """``fit()`` with the stage's objective or update step, validating on the eval set and,
+    where the stage has a ``diagnose`` hook, measuring its terms after every epoch."""
+    total_steps = spec["epochs"] * len(train_loader)  # K of the prior's figure D: this run's steps
     return fit(run.wrapped, run.loss_fn, train_loader,
                run.optimizers[0] if run.update is None else None, spec["epochs"],
                device=device, update=run.update,
                validate=lambda: evaluate(run.model, val_loader, MODALITY[run.stage], device),
                eval_every=cfg.run.eval_every, state=state, report=report, stage=run.stage,
-               progress=cfg.run.progress)
+               progress=cfg.run.progress,
+               diagnose=None if run.diagnose is None else lambda: run.diagnose(total_steps))
 
 
 def publish(run: StageRun, cfg: Config, key: str, spec: dict, upstream: dict[str, Artifact],
@@ -650,6 +677,10 @@ def publish(run: StageRun, cfg: Config, key: str, spec: dict, upstream: dict[str
     if stage == "meta":  # phi_META = phi_K, the final phi (Algorithm 1, line 12)
         torch_save(partial / "phi.pt", run.regularizer.phi_state())
         metrics["phi"] = phi_summary(run.regularizer)
+    last = state.history[-1].get("diagnostics", {}) if state.history else {}
+    strength = last.get("prior_strength")
+    if strength:  # the target stage: the prior's strength after the last epoch, over all weights
+        metrics["prior_strength"] = {k: strength[k] for k in ("lr", "total_steps", "overall")}
     write_json(partial / "metrics.json", metrics)
     write_yaml(partial / "config.yaml", cfg.to_dict())
     write_json(partial / "meta.json", {
@@ -671,9 +702,20 @@ def publish(run: StageRun, cfg: Config, key: str, spec: dict, upstream: dict[str
     return Artifact(stage, key, final)
 
 
+PHI_PERCENTILES = (1, 10, 50, 90, 99)
+
+
 def phi_summary(reg: Regularizer) -> dict:
-    """Distribution of the learned phi (Fig. 5): mean, std, extremes, fraction negative."""
+    """Distribution of the learned phi (Fig. 5): mean, std, extremes, fraction negative, over
+    all of phi and (``layers``) per regularised tensor with the percentiles PHI_PERCENTILES."""
     phi = torch.cat([p.detach().flatten().cpu() for p in reg.phi()])
+    layers = {}
+    for name, p in zip(reg.names, (p.detach().flatten().double().cpu() for p in reg.phi())):
+        q = np.percentile(p.numpy(), PHI_PERCENTILES)
+        layers[name] = {"count": p.numel(), "mean": float(p.mean()),
+                        "std": float(p.std()) if p.numel() > 1 else 0.0,
+                        "fraction_negative": float((p < 0).double().mean()),
+                        **{f"p{k}": float(v) for k, v in zip(PHI_PERCENTILES, q)}}
     return {"count": phi.numel(), "mean": float(phi.mean()), "std": float(phi.std()),
             "min": float(phi.min()), "max": float(phi.max()),
-            "fraction_negative": float((phi < 0).float().mean())}
+            "fraction_negative": float((phi < 0).float().mean()), "layers": layers}

@@ -12,6 +12,9 @@ Stage objectives (Sect. 3, 5.1), each a function ``batch -> dict`` of named loss
 - meta:    Algorithm 1 (``cmkg.meta.meta_iteration``), passed to ``fit`` as ``update``: a step
            that computes and applies its own updates
 - target:  a fresh RGB student on the target set, F = L_REG + R(theta; phi_META) (Algorithm 2)
+
+Every objective takes ``reduction`` (term -> ``sum`` | ``mean``, the config's ``reduction``
+section): how L_REG, L_ACT and L_ATT reduce their elements (``cmkg.losses``).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import copy
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,8 +32,9 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from cmkg.data.dataset import prepare_batch
+from cmkg.diagnostics import describe
 from cmkg.errors import NumericalError
-from cmkg.losses import distillation_loss, regression_loss
+from cmkg.losses import distillation_loss, reductions, regression_loss
 from cmkg.metrics import denormalise, pose_metrics
 
 LossFn = Callable[[dict[str, Tensor]], dict[str, Tensor]]
@@ -40,27 +44,32 @@ LossFn = Callable[[dict[str, Tensor]], dict[str, Tensor]]
 # Objectives
 # ---------------------------------------------------------------------------------------------
 
-def regression_objective(model: nn.Module, modality: str) -> LossFn:
-    """L_REG of the model on one modality (teacher: depth, student: rgb)."""
+def regression_objective(model: nn.Module, modality: str, *,
+                         reduction: Mapping[str, str] | None = None) -> LossFn:
+    """L_REG of the model on one modality (teacher: depth, student: rgb).
+
+    ``reduction``: term -> reduction (``cmkg.losses.REDUCTIONS``), here only ``reg`` is read."""
+    red = reductions(reduction)["reg"]
 
     def loss_fn(batch):
         pred, _ = model(batch[modality])
-        reg = regression_loss(pred, batch["target"])
+        reg = regression_loss(pred, batch["target"], red)
         return {"loss": reg, "reg": reg}
 
     return loss_fn
 
 
 def regularized_objective(model: nn.Module, reg: nn.Module, params_of: nn.Module | None = None,
-                          ) -> LossFn:
+                          *, reduction: Mapping[str, str] | None = None) -> LossFn:
     """F = L_REG + R(theta) (Eq. 9; Algorithm 2 with phi frozen): RGB student on the target.
 
     ``params_of``: the bare module whose parameters R reads when ``model`` is a DDP wrapper."""
     params_of = params_of or model
+    red = reductions(reduction)["reg"]
 
     def loss_fn(batch):
         pred, _ = model(batch["rgb"])
-        reg_loss = regression_loss(pred, batch["target"])
+        reg_loss = regression_loss(pred, batch["target"], red)
         prior = reg(dict(params_of.named_parameters()))
         return {"loss": reg_loss + prior, "reg": reg_loss, "prior": prior}
 
@@ -68,22 +77,25 @@ def regularized_objective(model: nn.Module, reg: nn.Module, params_of: nn.Module
 
 
 def distillation_objective(net: nn.Module, teacher: nn.Module, *, losses: list[str],
-                           lambda_att: float, att_layers: list[int]) -> LossFn:
+                           lambda_att: float, att_layers: list[int],
+                           reduction: Mapping[str, str] | None = None) -> LossFn:
     """L_REG + L_DIST: the student sees RGB, the frozen teacher the paired depth map.
 
     ``net`` is a ``StudentWithAdapter`` (or a data-parallel wrapper of one): its adapter maps the
     student's last activation to the teacher's width when they differ (ResNet-18 vs 50). The
     teacher stays in eval mode, outside the optimizer and the wrapper, under ``no_grad``."""
     picks = [i - 1 for i in att_layers]
+    red = reductions(reduction)
 
     def loss_fn(batch):
         pred, acts, last = net(batch["rgb"])
         with torch.no_grad():
             _, t_acts = teacher(batch["depth"])
-        reg = regression_loss(pred, batch["target"])
+        reg = regression_loss(pred, batch["target"], red["reg"])
         parts = distillation_loss(
             last, t_acts[-1], [acts[i] for i in picks], [t_acts[i] for i in picks],
-            lambda_att=lambda_att, use_act="act" in losses, use_att="att" in losses)
+            lambda_att=lambda_att, use_act="act" in losses, use_att="att" in losses,
+            reduction=red)
         return {"loss": reg + parts["dist"], "reg": reg, **parts}
 
     return loss_fn
@@ -171,14 +183,18 @@ def fit(model: nn.Module, loss_fn: LossFn | None, loader, optimizer: torch.optim
         epochs: int, *, device: torch.device, update: LossFn | None = None,
         validate: Callable[[], dict] | None = None, eval_every: int = 1,
         state: FitState | None = None, report: Callable[[FitState], None] | None = None,
-        stage: str = "fit", progress: str = "auto", check_every: int = 50) -> FitState:
+        stage: str = "fit", progress: str = "auto", check_every: int = 50,
+        diagnose: Callable[[], dict] | None = None) -> FitState:
     """Train ``model`` on ``loss_fn`` for ``epochs`` epochs, validating and keeping the best.
 
     Each step minimises ``loss_fn(batch)["loss"]`` with ``optimizer``; or, when ``update`` is
     given instead, calls it and lets it apply its own updates (the meta stage's Algorithm 1).
 
     ``validate()`` returns metrics with ``epe_mm``; the best-EPE weights are kept in
-    ``state.best_state``. ``report(state)`` runs after every epoch (checkpointing). Losses are
+    ``state.best_state``. ``diagnose()``, if given, runs after every epoch's training steps and
+    its dict is kept as the epoch record's ``diagnostics`` (``cmkg.diagnostics``: gradient
+    shares, the prior's strength); it must leave weights, buffers and RNGs as it found them.
+    ``report(state)`` runs after every epoch (checkpointing). Losses are
     summed on the device and read back every ``check_every`` steps, where a non-finite value
     stops the run with :class:`NumericalError`.
     """
@@ -219,6 +235,8 @@ def fit(model: nn.Module, loss_fn: LossFn | None, loader, optimizer: torch.optim
         train = _check_finite(dict(zip(parts, total)) if total is not None else {}, max(steps, 1),
                               stage, epoch, check_every=check_every, lr=lr)
         record = {"epoch": epoch, "train": train, "train_time_s": time.perf_counter() - start}
+        if diagnose is not None:
+            record["diagnostics"] = diagnose()
 
         # -- validate, keep the best ----------------------------------------------------------
         if validate is not None and (epoch % eval_every == 0 or epoch == epochs):
@@ -242,6 +260,9 @@ def fit(model: nn.Module, loss_fn: LossFn | None, loader, optimizer: torch.optim
                        if "val" in record else "")
             print(f"{stage:8s} epoch {epoch:3d}/{epochs}  loss {train['loss']:.4g} ({parts_txt})"
                   f"{val_txt}  {record['train_time_s']:.1f}s", file=sys.stderr, flush=True)
+            if "diagnostics" in record:
+                print(f"{stage:8s} epoch {epoch:3d}/{epochs}  {describe(record['diagnostics'])}",
+                      file=sys.stderr, flush=True)
         if report is not None:
             report(state)
     if state.best_state is None:  # no validation: the last weights are the result
