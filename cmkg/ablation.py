@@ -388,6 +388,27 @@ def _extra(cell: Cell, art: stages.Artifact, done: dict) -> dict:
     return out
 
 
+def phi_correlation(cells: list[Cell], done: dict) -> list[dict]:
+    """Pearson correlation of phi_META between seeds, per weighted form (is phi knowledge
+    shared by the seeds, or noise?), from the meta stages the table's target cells used."""
+    metas: dict[str, dict[int, tuple[str, str]]] = {}
+    for c in cells:
+        for n in c.nodes:
+            if n.stage == "meta" and n.id in done:
+                metas.setdefault(n.cfg.regularizer.form, {})[c.seed] = n.id
+    out = []
+    for form, by_seed in sorted(metas.items()):
+        seeds = sorted(by_seed)
+        phis = {s: np.concatenate([p.detach().flatten().double().numpy()
+                                   for p in done[by_seed[s]].load_phi().phi()]) for s in seeds}
+        for i, a in enumerate(seeds):
+            for b in seeds[i + 1:]:
+                r = float(np.corrcoef(phis[a], phis[b])[0, 1])
+                out.append({"form": form, "seeds": [a, b], "pearson": round(r, 6),
+                            "count": int(phis[a].size)})
+    return out
+
+
 def fingerprint(cfg: Config) -> str:
     """sha256 of the resolved config without the fields that cannot change a result."""
     d = cfg.to_dict()
@@ -572,6 +593,8 @@ def run(paths: list[str], base_config: str | None, overrides: list[str], *,
     for ab, cs in cells_of:
         recs = [record(c, done, failed, preset) for c in cs]
         spec = table_spec(ab, preset, sorted({c.seed for c in cs}))
+        if (corr := phi_correlation(cs, done)):
+            spec["phi_correlation"] = corr
         report.write_records(store.root / "_results" / (preset or "custom") / f"{ab.table}.parquet",
                              spec, recs)
         report.write_records(results / f"{ab.table}.parquet", spec, recs)

@@ -378,6 +378,15 @@ def table_markdown(spec: dict, records: list[dict]) -> str:
         out.append(_md_table(["row", "column", "seed", "stage", "error"],
                              [[r["row"], r["column"], str(r["seed"]), r["stage"] or "—",
                                r["error"] or "—"] for r in failed], right={2}))
+    if spec.get("phi_correlation"):
+        out.append("## φ_META across seeds\n")
+        out.append("Pearson correlation of the learned φ (one value per regularised weight) "
+                   "between meta stages of different seeds: knowledge shared by the seeds shows "
+                   "as a correlation well above 0, noise as about 0.\n")
+        out.append(_md_table(["form", "seeds", "correlation", "weights"],
+                             [[c["form"], f"{c['seeds'][0]} vs {c['seeds'][1]}",
+                               f"{c['pearson']:+.3f}", str(c["count"])]
+                              for c in spec["phi_correlation"]], right={2, 3}))
     if spec.get("notes"):
         out.append("## Notes\n")
         out.append("".join(f"- {n}\n" for n in spec["notes"]))

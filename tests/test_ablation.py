@@ -205,3 +205,35 @@ def test_workers_run_each_stage_under_ray_train(tmp_path):
 
     _, recs = load_records(rep / "results")["table2"]
     assert [r["status"] for r in recs] == ["done"]
+
+
+def test_phi_correlation_between_seeds():
+    """Pearson r of phi_META per pair of seeds, per weighted form, from the cells' meta nodes."""
+    import types
+
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng(0)
+    shared = rng.normal(size=500)
+    phis = {0: shared + 0.5 * rng.normal(size=500), 1: shared + 0.5 * rng.normal(size=500)}
+
+    class Art:
+        def __init__(self, v):
+            self.v = v
+
+        def load_phi(self):
+            return types.SimpleNamespace(phi=lambda: [torch.tensor(self.v[:200]),
+                                                     torch.tensor(self.v[200:])])
+
+    cells, done = [], {}
+    for seed, v in phis.items():
+        node = types.SimpleNamespace(stage="meta", id=("meta", f"k{seed}"), cfg=types.SimpleNamespace(
+            regularizer=types.SimpleNamespace(form="weighted_l2")))
+        target = types.SimpleNamespace(stage="target", id=("target", f"t{seed}"))
+        cells.append(types.SimpleNamespace(seed=seed, nodes=[node, target]))
+        done[node.id] = Art(v)
+    (corr,) = ablation.phi_correlation(cells, done)
+    assert corr["form"] == "weighted_l2" and corr["seeds"] == [0, 1] and corr["count"] == 500
+    assert corr["pearson"] == pytest.approx(np.corrcoef(phis[0], phis[1])[0, 1], abs=1e-6)
+    assert 0.7 < corr["pearson"] < 0.9  # 1 / (1 + 0.25) = 0.8 in expectation
