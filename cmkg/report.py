@@ -329,6 +329,31 @@ def _seeds(seeds) -> str:
     return ", ".join(str(s) for s in seeds) if seeds else "—"
 
 
+def _mean_pose_line(spec: dict, cells: dict) -> str:
+    """The reference every EPE should beat: predicting the training set's mean pose for every
+    test image, per column (one value, or one per row where the rows' test sets differ)."""
+    parts = []
+    for c in spec["columns"]:
+        per_row = {}
+        for r in spec["rows"]:
+            vals = [x["mean_pose_epe_mm"] for x in cells[(r["label"], c["name"])]
+                    if x["status"] == "done" and x.get("mean_pose_epe_mm") is not None]
+            if vals:
+                per_row[r["label"]] = float(np.mean(vals))
+        if not per_row:
+            continue
+        values = list(per_row.values())
+        if max(values) - min(values) < 0.005:
+            parts.append(f"{c.get('title') or c['name']} {values[0]:.2f}")
+        else:
+            parts.append(f"{c.get('title') or c['name']}: " + ", ".join(
+                f"{label} {v:.2f}" for label, v in per_row.items()))
+    if not parts:
+        return ""
+    return ("Mean-pose baseline, EPE (mm) of predicting the training set's mean pose for every "
+            "test image: " + "; ".join(parts) + ".\n")
+
+
 def table_markdown(spec: dict, records: list[dict]) -> str:
     """One table as Markdown: the paper's numbers beside ours, comparisons, failures, notes."""
     cells = _cells(spec, records)
@@ -353,6 +378,9 @@ def table_markdown(spec: dict, records: list[dict]) -> str:
     out.append("Ours: mean ± sample standard deviation over the seeds whose cell finished "
                "(n of them; failed seeds are counted apart). \"not run\": no record.\n")
     out.append(_md_table(header, body, right=set(range(1, len(header)))))
+    baseline = _mean_pose_line(spec, cells)
+    if baseline:
+        out.append(baseline)
 
     comparisons = _comparisons(spec, cells)
     if comparisons:
