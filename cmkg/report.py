@@ -769,6 +769,13 @@ def readme_markdown(tables: dict[str, tuple[dict, list[dict]]], files: dict[str,
                f"{_n(counts[1], 'contradicts', 'contradict')} it, "
                f"{_n(counts[2], 'is', 'are')} inconclusive, "
                f"{_n(counts[3], 'has', 'have')} no paper delta.\n")
+    tested = sum(1 for c in comparisons if c["n"] >= 2)
+    if tested:
+        out.append(f"Read these with the number of comparisons in mind: if no effect were real, "
+                   f"about 5 % of the {tested} intervals with n ≥ 2, i.e. "
+                   f"{0.05 * tested:.1f}, would still exclude 0 by chance, and comparisons that "
+                   f"share a cell are not independent. A verdict is evidence when it is large "
+                   f"against its interval and agrees with its neighbours, not on its own.\n")
     for name in names:
         if groups[name]:
             out.append(f"### {name}\n")

@@ -1,0 +1,20 @@
+"""The committed reports/ are what `cmkg report` makes of the committed records, byte for byte."""
+
+from pathlib import Path
+
+from cmkg import cli
+
+REPORTS = Path(__file__).resolve().parent.parent / "reports"
+
+
+def test_cmkg_report_rebuilds_the_committed_markdown(tmp_path, capsys):
+    results = sorted((REPORTS / "results").glob("table*.parquet"))
+    assert [p.name for p in results] == ["table1.parquet", "table2.parquet", "table3.parquet"]
+    assert cli.main(["report", "--results", str(REPORTS / "results"), "--out", str(tmp_path)]) == 0
+    written = sorted(p.name for p in tmp_path.glob("*.md"))
+    assert written == sorted(p.name for p in REPORTS.glob("*.md"))
+    assert {"README.md", "table1.md", "table2.md", "table3.md"} <= set(written)
+    for name in written:
+        assert (tmp_path / name).read_bytes() == (REPORTS / name).read_bytes(), name
+    for name in ("table1.csv", "table2.csv", "table3.csv"):
+        assert (tmp_path / name).read_bytes() == (REPORTS / name).read_bytes(), name
