@@ -150,14 +150,8 @@ def load(path: str | Path) -> Ablation:
     """Read and check an ablation file (structure only; ``expand`` checks every override
     against the config)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(str(path), ["file not found"])
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(str(path), [f"not valid YAML: {e}"]) from None
+    data = config_mod._read_yaml(path)  # missing file, bad YAML, not a mapping: one message
     p: list[str] = []
-    data = _mapping(data, "top level", p)
     _unknown(data, FILE_KEYS, "", p)
     for k in ("table", "columns", "rows"):
         if k not in data:
@@ -365,6 +359,21 @@ def work(node: stages.Node) -> float:
 # Result records
 # ---------------------------------------------------------------------------------------------
 
+_PHI_CACHE: dict[str, np.ndarray] = {}  # artifact path -> phi; the last few meta stages
+
+
+def _phi_values(art: stages.Artifact) -> np.ndarray:
+    """phi_META of a meta stage as one float64 vector, read once although every weighted
+    target cell of every table and the seed correlation use it."""
+    key = str(art.path)
+    if key not in _PHI_CACHE:
+        if len(_PHI_CACHE) >= 8:
+            _PHI_CACHE.pop(next(iter(_PHI_CACHE)))
+        _PHI_CACHE[key] = np.concatenate([p.detach().flatten().double().numpy()
+                                          for p in art.load_phi().phi()])
+    return _PHI_CACHE[key]
+
+
 def _histogram(values: np.ndarray, bins: int = 101) -> dict:
     lim = float(np.quantile(np.abs(values), 0.999)) or 1.0
     counts, edges = np.histogram(values, np.linspace(-lim, lim, bins + 1))
@@ -381,9 +390,7 @@ def _extra(cell: Cell, art: stages.Artifact, done: dict) -> dict:
     meta_key = cell.node.inputs.get("meta")
     if meta_key and ("meta", meta_key) in done:
         prior = done[("meta", meta_key)]
-        phi = np.concatenate([p.detach().flatten().double().numpy()
-                              for p in prior.load_phi().phi()])
-        out["phi_hist"] = _histogram(phi)
+        out["phi_hist"] = _histogram(_phi_values(prior))
         out["phi"] = prior.metrics.get("phi", {})
     return out
 
@@ -399,8 +406,7 @@ def phi_correlation(cells: list[Cell], done: dict) -> list[dict]:
     out = []
     for form, by_seed in sorted(metas.items()):
         seeds = sorted(by_seed)
-        phis = {s: np.concatenate([p.detach().flatten().double().numpy()
-                                   for p in done[by_seed[s]].load_phi().phi()]) for s in seeds}
+        phis = {s: _phi_values(done[by_seed[s]]) for s in seeds}
         for i, a in enumerate(seeds):
             for b in seeds[i + 1:]:
                 r = float(np.corrcoef(phis[a], phis[b])[0, 1])
@@ -479,7 +485,8 @@ def dry_run(abs_cells: list[tuple[Ablation, list[Cell]]], store: stages.Store) -
     lines = []
     all_cells = [c for _, cells in abs_cells for c in cells]
     nodes = union(all_cells)
-    cached = {n.id for n in nodes if store.get(n.stage, n.key) is not None}
+    found = {n.id: store.get(n.stage, n.key) for n in nodes}
+    cached = {i for i, art in found.items() if art is not None}
     for ab, cells in abs_cells:
         lines.append(f"{ab.table} ({ab.path}): {len(ab.rows)} rows x {len(ab.columns)} columns "
                      f"x {len({c.seed for c in cells})} seeds")
@@ -496,8 +503,7 @@ def dry_run(abs_cells: list[tuple[Ablation, list[Cell]]], store: stages.Store) -
         lines.append(f"  {n.stage:8s} {n.key[:12]}  {n.spec['arch']:9s} "
                      f"{n.spec['epochs']:4d} epochs  {state}")
         if n.id in cached:
-            art = store.get(n.stage, n.key)
-            dur = art.meta.get("duration_s")
+            dur = found[n.id].meta.get("duration_s")
             if dur:
                 rates.append(dur / w)
         else:

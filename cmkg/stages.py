@@ -373,7 +373,7 @@ def run_stage(stage: str, cfg: Config, store: Store | None = None) -> Artifact:
     done: dict[tuple[str, str], Artifact] = {}
     for node in plan(stage, cfg):
         done[node.id] = run_node(node, store, upstream_of(node, done))
-    return done[(stage, node.key)]
+    return done[node.id]
 
 
 def upstream_of(node: Node, done: dict[tuple[str, str], Artifact]) -> dict[str, Artifact]:
@@ -400,7 +400,7 @@ def run_node(node: Node, store: Store, upstream: dict[str, Artifact],
 
 
 @contextlib.contextmanager
-def writer_lock(store: Store, stage: str, key: str, announce: bool = True):
+def writer_lock(store: Store, stage: str, key: str):
     """Exclusive right to train ``stage``/``key``: a POSIX lock (``lockf``) on
     ``{store}/{stage}/{key}.lock`` beside the artifact. The kernel (or the NFS lock manager)
     drops it when its owner dies, so a lock is never stale; the file names the owner for the
@@ -415,8 +415,7 @@ def writer_lock(store: Store, stage: str, key: str, announce: bool = True):
         except OSError:
             f.seek(0)
             owner = f.read().strip() or "another process"
-            if announce:
-                _say(f"{stage}: {owner} is training {key[:20]}; waiting for it")
+            _say(f"{stage}: {owner} is training {key[:20]}; waiting for it")
             fcntl.lockf(f, fcntl.LOCK_EX)  # blocks until the owner publishes, fails or dies
         f.seek(0)
         f.truncate()

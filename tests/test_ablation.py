@@ -220,7 +220,7 @@ def test_phi_correlation_between_seeds():
 
     class Art:
         def __init__(self, v):
-            self.v = v
+            self.v, self.path = v, f"meta-{id(v)}"
 
         def load_phi(self):
             return types.SimpleNamespace(phi=lambda: [torch.tensor(self.v[:200]),

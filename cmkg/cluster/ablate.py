@@ -13,7 +13,6 @@ resumes from the stage's last checkpoint in the store.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -67,13 +66,10 @@ def execute(nodes: list[stages.Node], on_done: Callable, *, address: str | None 
                                     workers, gpus, *deps)
     pending = {refs[node.id]: node for node in nodes}
     while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1, timeout=60)
-        for ref in ready:
-            node = pending.pop(ref)
-            try:
-                path, error = ray.get(ref), None
-            except Exception as e:  # noqa: BLE001 - the cell is marked failed, others go on
-                path, error = None, reason(e)
-            on_done(node, path, error)
-        if not ready:
-            time.sleep(0.1)
+        (ref,), _ = ray.wait(list(pending), num_returns=1)
+        node = pending.pop(ref)
+        try:
+            path, error = ray.get(ref), None
+        except Exception as e:  # noqa: BLE001 - the cell is marked failed, others go on
+            path, error = None, reason(e)
+        on_done(node, path, error)
