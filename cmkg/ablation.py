@@ -12,6 +12,9 @@ An ablation file (``ablations/table*.yaml``) describes one of the paper's tables
       target: {stage: target, title: "EPE / AUC", metrics: [epe_mm, auc_20_50], set: {}}
     rows:
       - {label: none, set: {regularizer.form: none}, paper: {target: {epe_mm: 15.67}}}
+      - label: "l2 (σ chosen on val)"   # one cell per value and seed; the report keeps the
+        set: {regularizer.form: l2}     # value with the lowest mean best val EPE (``choose``)
+        choose: {key: regularizer.sigma, values: [1.0e-3, 1.0e-2, 1.0e-1]}
     baseline_row: none             # paired deltas of every row against this one, per column
     compare_columns: [[kd, rgb]]   # paired deltas between columns, in every row
     compare: [{a: [row, column], b: [row, column]}]   # any other pair of cells
@@ -22,6 +25,11 @@ column's ``set``, the row's ``set`` and ``scale``, the command's ``--set`` and f
 of teacher, student, meta and target), so a seed's phi_META meets a target network initialised
 like the student it was learned on. A column's ``extend_epochs: [kd]`` trains its stage for its
 own epochs plus those stages' (Table 1's control: an RGB student trained as long as student + kd).
+
+A row with ``choose`` is a selection done the honest way: every value runs (a cell per value,
+column and seed, the value layered after the row's ``set``), and per column the value whose cells
+reach the lowest best validation EPE, averaged over the seeds, becomes the row; test metrics play
+no part in the choice, and the report notes the value chosen and every value's val EPE.
 
 Every cell's ``stages.plan`` is unioned by (stage, key): Table 2's seven rows share one teacher,
 one student and one phi per weighted form per seed. What the store lacks is trained (by the Ray
@@ -50,7 +58,7 @@ from cmkg.errors import UserError
 FILE_KEYS = ("table", "title", "caption", "regenerates", "seeds", "set", "scale", "columns",
              "rows", "baseline_row", "compare_columns", "compare", "figure4_paper_delta_auc")
 COLUMN_KEYS = ("stage", "title", "metrics", "set", "extend_epochs")
-ROW_KEYS = ("label", "set", "scale", "paper")
+ROW_KEYS = ("label", "set", "scale", "paper", "choose")
 METRICS = ("epe_mm", "auc_20_50")
 LOWER_IS_BETTER = {"epe_mm": True, "auc_20_50": False}
 WORK_FACTOR = {"meta": 3.0}  # an Algorithm 1 iteration costs about 3 plain steps (bench_meta)
@@ -72,6 +80,7 @@ class Row:
     set: dict = field(default_factory=dict)
     scale: dict = field(default_factory=dict)  # preset -> {set, note}
     paper: dict = field(default_factory=dict)  # column -> {metric: value}
+    choose: dict | None = None  # {key: dotted config key, values: [...]}: chosen on val
 
 
 @dataclass
@@ -101,6 +110,7 @@ class Cell:
     seed: int
     cfg: Config
     nodes: list[stages.Node]
+    candidate: object = None  # the row's ``choose`` value this cell runs (None: not a choice)
 
     @property
     def node(self) -> stages.Node:
@@ -207,7 +217,8 @@ def load(path: str | Path) -> Ablation:
             paper[col] = {m: float(v) for m, v in vals.items()
                           if m not in bad and isinstance(v, (int, float))}
         rows.append(Row(label, _mapping(r.get("set"), f"{key}.set", p),
-                        _scale(r.get("scale"), f"{key}.scale", p), paper))
+                        _scale(r.get("scale"), f"{key}.scale", p), paper,
+                        _choose(r.get("choose"), f"{key}.choose", p)))
     comparisons = _comparisons(data, columns, rows, p)
     base, scale = _mapping(data.get("set"), "set", p), _scale(data.get("scale"), "scale", p)
     if p:
@@ -216,6 +227,23 @@ def load(path: str | Path) -> Ablation:
     return Ablation(str(path), str(data["table"]), str(data.get("title", data["table"])),
                     str(data.get("caption", "")), str(data.get("regenerates", "")), seeds,
                     base, scale, columns, rows, comparisons, extra)
+
+
+def _choose(value, key: str, problems: list[str]) -> dict | None:
+    """A row's ``choose: {key: dotted.config.key, values: [v1, v2, ...]}`` (>= 2 values)."""
+    if value is None:
+        return None
+    value = _mapping(value, key, problems)
+    _unknown(value, ("key", "values"), key, problems)
+    ok = True
+    if not isinstance(value.get("key"), str) or not value["key"]:
+        problems.append(f"{key}.key: missing (a dotted config key, e.g. regularizer.sigma)")
+        ok = False
+    values = value.get("values")
+    if not isinstance(values, list) or len(values) < 2 or len(set(map(repr, values))) < len(values):
+        problems.append(f"{key}.values: must be a list of at least 2 different values")
+        ok = False
+    return {"key": value["key"], "values": list(values)} if ok else None
 
 
 def _comparisons(data: dict, columns: dict[str, Column], rows: list[Row],
@@ -305,20 +333,24 @@ def expand(ab: Ablation, base_config: str | None, overrides: list[str],
             if preset in row.scale:
                 layers.append((f"{where} row {row.label!r} scale.{preset}",
                                config_mod.nest(row.scale[preset]["set"])))
-            try:
-                cfg = config_mod.load(base_config, overrides, layers)
-            except ConfigError as e:
-                problems += [x for x in e.problems if x not in problems]
-                continue
-            if col.extend_epochs:
-                extra = sum(getattr(cfg.epochs, s) for s in col.extend_epochs)
-                epochs = dataclasses.replace(
-                    cfg.epochs, **{col.stage: getattr(cfg.epochs, col.stage) + extra})
-                cfg = dataclasses.replace(cfg, epochs=epochs)
-            for seed in seeds_of(ab, seeds):
-                c = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, seed=seed))
-                cells.append(Cell(ab.table, row.label, col.name, seed, c,
-                                  stages.plan(col.stage, c)))
+            choices = [None] if row.choose is None else row.choose["values"]
+            for value in choices:
+                extra_layer = [] if value is None else [
+                    (f"{where} row {row.label!r} choose", config_mod.nest({row.choose["key"]: value}))]
+                try:
+                    cfg = config_mod.load(base_config, overrides, layers + extra_layer)
+                except ConfigError as e:
+                    problems += [x for x in e.problems if x not in problems]
+                    continue
+                if col.extend_epochs:
+                    extra = sum(getattr(cfg.epochs, s) for s in col.extend_epochs)
+                    epochs = dataclasses.replace(
+                        cfg.epochs, **{col.stage: getattr(cfg.epochs, col.stage) + extra})
+                    cfg = dataclasses.replace(cfg, epochs=epochs)
+                for seed in seeds_of(ab, seeds):
+                    c = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, seed=seed))
+                    cells.append(Cell(ab.table, row.label, col.name, seed, c,
+                                      stages.plan(col.stage, c), value))
     if problems:
         raise ConfigError(where, problems)
     return cells
@@ -387,10 +419,14 @@ def _extra(cell: Cell, art: stages.Artifact, done: dict) -> dict:
     from cmkg.report import flat_weights
 
     out = {"theta_hist": _histogram(flat_weights(art.load_model().state_dict()))}
+    for k in ("prior_strength", "calibration"):  # D after the last epoch; the calibrated scale
+        if k in art.metrics:
+            out[k] = art.metrics[k]
     meta_key = cell.node.inputs.get("meta")
     if meta_key and ("meta", meta_key) in done:
         prior = done[("meta", meta_key)]
-        out["phi_hist"] = _histogram(_phi_values(prior))
+        scale = out.get("calibration", {}).get("scale", 1.0)  # the calibrated phi, before its cap
+        out["phi_hist"] = _histogram(scale * _phi_values(prior))
         out["phi"] = prior.metrics.get("phi", {})
     return out
 
@@ -455,6 +491,49 @@ def record(cell: Cell, done: dict, failed: dict[tuple[str, str], str], preset: s
             "extra": json.dumps(_extra(cell, art, done), sort_keys=True)}
 
 
+def _fmt(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def choose(ab: Ablation, cells: list[Cell], done: dict) -> tuple[list[Cell], list[str], dict]:
+    """Resolve the rows with ``choose``: per column, the value whose cells have the lowest best
+    validation EPE (``best_val_epe_mm``, the target's val split) averaged over the seeds, among
+    the values that finished on every seed; test plays no part. Returns the cells to record (the
+    plain ones and the chosen value's), a note per choice for the report, and
+    {(row, column): {key, value, val_epe_mm: {value: mean}}}."""
+    keep: set[int] = {id(c) for c in cells if c.candidate is None}
+    notes, chosen = [], {}
+    for row in ab.rows:
+        if row.choose is None:
+            continue
+        key, values = row.choose["key"], row.choose["values"]
+        for col in ab.columns:
+            group = [c for c in cells if c.row == row.label and c.column == col]
+            means = {}
+            for v in values:
+                cs = [c for c in group if c.candidate == v]
+                if cs and all(c.node.id in done for c in cs):
+                    means[_fmt(v)] = (v, float(np.mean(
+                        [done[c.node.id].metrics["best_val_epe_mm"] for c in cs])))
+            if not means:  # nothing to choose from: the first value's cells record the failure
+                keep |= {id(c) for c in group if c.candidate == values[0]}
+                notes.append(f"{row.label}: no value of {key} finished on every seed; "
+                             f"nothing chosen")
+                continue
+            best, _ = min(means.values(), key=lambda t: t[1])
+            keep |= {id(c) for c in group if c.candidate == best}
+            chosen[(row.label, col)] = {"key": key, "value": best,
+                                        "val_epe_mm": {k: m for k, (_, m) in means.items()}}
+            seeds = len({c.seed for c in group})
+            missing = [_fmt(v) for v in values if _fmt(v) not in means]
+            notes.append(
+                f"{row.label}: {key} = {_fmt(best)}, chosen on the validation split (mean best "
+                f"val EPE over {seeds} seeds: "
+                + ", ".join(f"{k} {m:.2f}" for k, (_, m) in means.items()) + " mm"
+                + (f"; not finished: {', '.join(missing)}" if missing else "") + ")")
+    return [c for c in cells if id(c) in keep], notes, chosen
+
+
 def table_spec(ab: Ablation, preset: str | None, seeds: list[int]) -> dict:
     """The table's description stored beside its records (what ``cmkg report`` renders)."""
     return {"table": ab.table, "title": ab.title, "caption": ab.caption,
@@ -492,7 +571,8 @@ def dry_run(abs_cells: list[tuple[Ablation, list[Cell]]], store: stages.Store) -
                      f"x {len({c.seed for c in cells})} seeds")
         for c in cells:
             mark = "done" if all(n.id in cached for n in c.nodes) else "to run"
-            lines.append(f"  {c.row!r:28s} {c.column:12s} seed {c.seed}  "
+            row = c.row if c.candidate is None else f"{c.row} [{_fmt(c.candidate)}]"
+            lines.append(f"  {row!r:28s} {c.column:12s} seed {c.seed}  "
                          f"{c.node.stage} {c.node.key[:12]}  {mark}")
     lines.append("stages:")
     by_kind: dict[str, list[float]] = {}
@@ -597,8 +677,16 @@ def run(paths: list[str], base_config: str | None, overrides: list[str], *,
     results = out / "results"
     preset = preset_of(base_config)
     for ab, cs in cells_of:
-        recs = [record(c, done, failed, preset) for c in cs]
+        picked, choice_notes, chosen = choose(ab, cs, done)
+        recs = []
+        for c in picked:
+            rec = record(c, done, failed, preset)
+            if (c.row, c.column) in chosen:
+                rec["extra"] = json.dumps({**json.loads(rec["extra"]),
+                                           "chosen": chosen[(c.row, c.column)]}, sort_keys=True)
+            recs.append(rec)
         spec = table_spec(ab, preset, sorted({c.seed for c in cs}))
+        spec["notes"] = spec["notes"] + choice_notes
         if (corr := phi_correlation(cs, done)):
             spec["phi_correlation"] = corr
         report.write_records(store.root / "_results" / (preset or "custom") / f"{ab.table}.parquet",

@@ -101,6 +101,12 @@ class RegularizerConfig:
     phi_init: float = 0.0
     phi_clip: list[float] | None = None  # bounds on raw phi; null = +-1 / (2 meta.alpha)
     prior: str | None = None  # a finished meta stage folder; default: found by key
+    # calibrated prior (a documented deviation, weighted forms on the target only): scale
+    # phi_META so that the median |D| over the regularised weights is calibrate_d, then cap
+    # every weight's |D| at d_cap (D: e-folds R moves a weight over the run, PRIOR-SCALE.md);
+    # null = phi_META as Algorithm 1 learned it (the paper)
+    calibrate_d: float | None = None
+    d_cap: float | None = 3.0
 
 
 @dataclass
@@ -297,6 +303,12 @@ def validate(cfg: Config) -> list[str]:
           "must be > 0 with phi_param=softplus")
     check(r.phi_clip is None or (len(r.phi_clip) == 2 and r.phi_clip[0] < r.phi_clip[1]),
           "regularizer.phi_clip", f"must be null or [low, high] with low < high, got {r.phi_clip}")
+    check(r.calibrate_d is None or r.calibrate_d > 0, "regularizer.calibrate_d",
+          f"must be null or > 0, got {r.calibrate_d}")
+    check(r.d_cap is None or r.d_cap > 0, "regularizer.d_cap", f"must be null or > 0, got {r.d_cap}")
+    check(r.calibrate_d is None or r.d_cap is None or r.d_cap >= r.calibrate_d,
+          "regularizer.d_cap", f"must be >= regularizer.calibrate_d ({r.calibrate_d}), "
+          f"got {r.d_cap}")
     if r.prior is not None and not is_uri(r.prior):
         check(Path(r.prior, "phi.pt").is_file(), "regularizer.prior",
               f"{r.prior!r} is not a finished meta stage folder (no phi.pt)")

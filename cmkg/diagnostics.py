@@ -253,3 +253,99 @@ def describe(diag: dict) -> str:
                  f"{overall['abs_d_p90']:.3g}, |D|>{STRONG} {overall[f'frac_abs_d_gt_{STRONG}']:.3g}"
                  f", D<0 {overall['frac_d_negative']:.3g}")
     return text
+
+
+# ---------------------------------------------------------------------------------------------
+# The calibrated prior: phi_META scaled to a set strength D
+# ---------------------------------------------------------------------------------------------
+
+CALIBRATION_BATCHES = 8
+
+
+def gradient_rms(model: nn.Module, names: list[str], batches: list[dict[str, Tensor]], *,
+                 reduction: str = "sum") -> list[Tensor]:
+    """Per regularised tensor ``names``, the RMS over ``batches`` of grad L_REG: the s_i Adam
+    divides by on its first steps (its bias-corrected second moment over those batches), at the
+    model's current weights. Leaves no trace (``kept_state``)."""
+    from cmkg.losses import regression_loss
+
+    named = dict(model.named_parameters())
+    params = [named[n] for n in names]
+    sq = [torch.zeros_like(p) for p in params]
+    with kept_state(model):
+        for batch in batches:
+            pred, _ = model(batch["rgb"])
+            grads = torch.autograd.grad(regression_loss(pred, batch["target"], reduction), params)
+            for acc, g in zip(sq, grads):
+                acc.add_(g.detach().pow(2))
+    return [(acc / len(batches)).sqrt() for acc in sq]
+
+
+def _expected_d(c: float, lrk: float, a: Tensor, theta: Tensor, s: Tensor) -> Tensor:
+    """|D| of each weight when phi is c * phi_META: R's gradient c * a (a = grad R at
+    phi_META) joins the data's RMS s in Adam's scale, sqrt(s^2 + (c a)^2), so |D| grows with c
+    but saturates at lr K / |theta| (R alone, normalised by Adam, PRIOR-SCALE.md)."""
+    x = c * a.abs()
+    return lrk * x / ((s.pow(2) + x.pow(2)).sqrt() + 1e-8) / theta.abs().clamp_min(1e-12)
+
+
+def calibrate_prior(reg, model: nn.Module, batches: list[dict[str, Tensor]], *, lr: float,
+                    total_steps: int, d_target: float, d_cap: float | None,
+                    reduction: str = "sum") -> dict:
+    """Scale phi of ``reg`` (a weighted ``Regularizer``) in place by the one factor c that makes
+    the median |D| over the weights that get a data gradient ``d_target``, as estimated at the
+    model's initial weights; then cap each weight's |D| at ``d_cap`` by shrinking its own phi.
+    Returns what was done, for the stage's metrics.
+
+    The estimate (``_expected_d``): s_i from ``gradient_rms`` on ``batches``, R's gradient added
+    to it as Adam would, K = ``total_steps``. A median above what Adam's saturation allows cannot
+    be reached: c is then the largest tried (1e30 x) and ``d_median`` says what it gives.
+
+    Why a scale is a beta: for free phi learned from phi_init = 0 with SGD, c * phi_META is, to
+    first order, the phi that Algorithm 1 learns with beta * c: theta's trajectory there does not
+    depend on phi (its step 3 descends G alone) and phi enters the meta-gradient only through
+    theta_1'' = theta_k - alpha (grad L_REG + grad R), a relative change of order 2 alpha |phi|
+    (tested: ``tests/test_calibration.py``). For softplus phi, c * phi keeps the shape of
+    phi_META at the set strength but is not a beta of Algorithm 1."""
+    named = dict(model.named_parameters())
+    thetas = [named[n].detach() for n in reg.names]
+    s = gradient_rms(model, reg.names, batches, reduction=reduction)
+    phis = [p.detach().clone() for p in reg.phi()]
+    grads = reg.grad(dict(zip(reg.names, thetas)))
+    a = [grads[n].detach() for n in reg.names]  # grad R at phi_META: linear in phi
+    lrk = lr * total_steps
+    # the median over the weights the data move: a weight with no data gradient (a kernel tap
+    # that only ever sees padding) gets no phi from Algorithm 1 and no scale from Adam
+    fed = [si > 0 for si in s]
+
+    def median(c: float) -> float:
+        d = torch.cat([_expected_d(c, lrk, ai, t, si)[m] for ai, t, si, m in
+                       zip(a, thetas, s, fed)])
+        return float(d.double().median()) if d.numel() else 0.0
+
+    before = median(1.0)
+    if not before > 0:
+        raise ValueError("phi_META gives D = 0 everywhere: nothing to calibrate")
+    lo, hi = -30.0, 30.0  # log10 c: bisection, |D| is increasing in c
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if median(10.0 ** mid) < d_target else (lo, mid)
+    scale = 10.0 ** hi
+    capped, total, new = 0, 0, []
+    for phi, ai, t, si in zip(phis, a, thetas, s):
+        k = torch.ones_like(phi)
+        if d_cap is not None:  # per weight: the factor k with |D(c k)| = d_cap, where reachable
+            q = d_cap * t.abs() / lrk
+            x_cap = q * si / (1 - q.pow(2)).clamp_min(1e-12).sqrt()
+            # a weight without data gradient is left alone: Adam makes R's pull on it lr K / |theta|
+            # whatever its phi (the cap would have to zero phi, which softplus cannot)
+            over = (q < 1) & (si > 0) & (_expected_d(scale, lrk, ai, t, si) > d_cap)
+            k = torch.where(over, x_cap / (scale * ai.abs()).clamp_min(1e-30), k).clamp(max=1.0)
+        capped += int((k < 1).sum())
+        total += k.numel()
+        new.append(phi * scale * k)
+    reg.set_phi(new)
+    return {"d_target": d_target, "d_cap": d_cap, "scale": scale, "d_median_before": before,
+            "d_median": median(scale), "fraction_capped": capped / total, "lr": lr,
+            "total_steps": total_steps, "batches": len(batches), "phi_abs_median": float(
+                torch.cat([p.flatten().abs() for p in new]).double().median())}

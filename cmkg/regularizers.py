@@ -108,6 +108,18 @@ class Regularizer(nn.Module):
             return {n: p * torch.sign(t) for p, (n, t) in zip(phis, ts.items())}
         return {n: 2.0 * p * t for p, (n, t) in zip(phis, ts.items())}
 
+    def set_phi(self, phis: list[Tensor]) -> None:
+        """Overwrite phi (one tensor per regularised parameter), through the parametrisation:
+        softplus needs every value > 0."""
+        with torch.no_grad():
+            for r, p in zip(self.raw, phis):
+                if self.phi_param == "softplus":
+                    if (p <= 0).any():
+                        raise ValueError("softplus phi must stay > 0")
+                    p = p.clamp_min(torch.finfo(p.dtype).tiny)  # a product that underflowed
+                    p = p + torch.log(-torch.expm1(-p))  # inverse softplus
+                r.copy_(p)
+
     def phi_state(self) -> dict:
         """What a prior artifact stores: form, parametrisation and phi per parameter name."""
         return {"form": self.form, "phi_param": self.phi_param, "sigma": self.sigma,

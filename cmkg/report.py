@@ -70,7 +70,10 @@ SAME, OPPOSITE, INCONCLUSIVE = "same direction as the paper", "opposite to the p
 FIG4_TABLE, FIG4_ROW, FIG4_COLUMNS = "table1", "L_ACT + L_ATT", ("rgb", "kd")
 FIG4_PAPER_DELTA_AUC = 0.045  # tables.yaml figure4_middle.delta_auc.this_paper (RHD, kd - rgb)
 PCK_TABLE = "table2"  # Fig. 4 (right): PCK curves of every row
-FIG5_TABLE, FIG5_WITHOUT, FIG5_WITH = "table2", "none", "weighted l2"
+FIG5_TABLE, FIG5_WITHOUT = "table2", "none"
+# the row whose theta and phi Fig. 5 shows: the first of these with a histogram (the calibrated
+# prior where it was run: the paper-beta phi leaves theta as without R, PRIOR-SCALE.md)
+FIG5_WITH = ("weighted l2 (calibrated)", "weighted l2 (paper β)", "weighted l2")
 
 
 # ---------------------------------------------------------------- result records (Parquet)
@@ -415,10 +418,49 @@ def table_markdown(spec: dict, records: list[dict]) -> str:
                              [[c["form"], f"{c['seeds'][0]} vs {c['seeds'][1]}",
                                f"{c['pearson']:+.3f}", str(c["count"])]
                               for c in spec["phi_correlation"]], right={2, 3}))
+    strength = _strength_rows(spec, records)
+    if strength:
+        out.append("## The regularizer's strength\n")
+        out.append("Per row, over the seeds (mean): D, the e-folds R decays (D > 0) or grows "
+                   "(D < 0) a weight over the target run with Adam's own gradient scale "
+                   "(PRIOR-SCALE.md; |D| << 0.1: R does nothing), its median over the "
+                   "regularised weights and the fraction with |D| > 0.1, after the last epoch; "
+                   "||∇R|| / ||∇L_REG|| on the regularised weights; for a calibrated prior, the "
+                   "factor applied to φ_META and the β of Algorithm 1 it amounts to.\n")
+        out.append(_md_table(["row", "median abs D", "abs D > 0.1", "D < 0", "grad ratio",
+                              "φ scale", "β equivalent"], strength,
+                             right={1, 2, 3, 4, 5, 6}))
     if spec.get("notes"):
         out.append("## Notes\n")
         out.append("".join(f"- {n}\n" for n in spec["notes"]))
     return "\n".join(out)
+
+
+def _strength_rows(spec: dict, records: list[dict]) -> list[list[str]]:
+    """The D table's rows from the records' ``extra.prior_strength`` / ``extra.calibration``."""
+    out = []
+    for r in spec["rows"]:
+        found = [x["extra"] for x in records if x["row"] == r["label"] and x["status"] == "done"
+                 and "prior_strength" in x["extra"]]
+        if not found:
+            continue
+        overall = [f["prior_strength"]["overall"] for f in found]
+
+        def mean(values):
+            values = [v for v in values if v is not None]
+            return float(np.mean(values)) if values else None
+
+        def g(x):
+            return "—" if x is None else f"{x:.3g}"
+
+        cal = [f["calibration"] for f in found if "calibration" in f]
+        out.append([r["label"], g(mean([o["abs_d_median"] for o in overall])),
+                    g(mean([o.get("frac_abs_d_gt_0.1") for o in overall])),
+                    g(mean([o["frac_d_negative"] for o in overall])),
+                    g(mean([o.get("grad_ratio") for o in overall])),
+                    g(mean([c["scale"] for c in cal])) if cal else "—",
+                    g(mean([c.get("beta_equivalent") for c in cal])) if cal else "—"])
+    return out
 
 
 def _csv(header: list[str], rows: list[list]) -> str:
@@ -582,17 +624,19 @@ def figure5(tables: dict[str, tuple[dict, list[dict]]], out: str | Path) -> list
         return []
     spec, records = tables[FIG5_TABLE]
     panels = []
+    with_row = next((r for r in FIG5_WITH if _first_extra(spec, records, r, "phi_hist")),
+                    FIG5_WITH[-1])
     for row, label, color in ((FIG5_WITHOUT, "w/o R", "tab:blue"),
-                              (FIG5_WITH, "with R", "tab:orange")):
+                              (with_row, "with R", "tab:orange")):
         hit = _first_extra(spec, records, row, "theta_hist")
         if hit is not None:
             h = hit[1]["theta_hist"]
             panels.append({"title": f"theta, {label} ({row}, seed {hit[0]})", "edges": h["edges"],
                            "counts": h["counts"], "color": color, "xlabel": "parameter value"})
-    hit = _first_extra(spec, records, FIG5_WITH, "phi_hist")
+    hit = _first_extra(spec, records, with_row, "phi_hist")
     if hit is not None:
         stats = hit[1].get("phi") or {}
-        title = f"learned phi ({FIG5_WITH}, seed {hit[0]})"
+        title = f"learned phi ({with_row}, seed {hit[0]})"
         if "fraction_negative" in stats:
             title += f"\n{stats['fraction_negative']:.1%} negative"
         panels.append({"title": title, "edges": hit[1]["phi_hist"]["edges"],
@@ -608,6 +652,15 @@ def _draw_histograms(panels: list[dict], out: str | Path) -> Path:
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
     for ax, p in zip(axes[0], panels):
+        if "bars" in p:  # {label: value} on a log axis (the prior's D per layer)
+            names, values = list(p["bars"]), [max(v, 1e-12) for v in p["bars"].values()]
+            ax.barh(range(len(names)), values, color=p["color"])
+            ax.set_yticks(range(len(names)), names, fontsize=5)
+            ax.set_xscale("log")
+            ax.axvline(0.1, color="grey", lw=0.8, ls="--")
+            ax.set_title(p["title"], fontsize=9)
+            ax.set_xlabel(p["xlabel"])
+            continue
         edges = np.asarray(p["edges"], float)
         ax.hist(edges[:-1], bins=edges, weights=np.asarray(p["counts"], float), color=p["color"])
         ax.set_title(p["title"], fontsize=9)
@@ -635,8 +688,12 @@ def flat_weights(state: dict, names: list[str] | None = None) -> np.ndarray:
 
 
 def parameter_histograms(without: dict, with_prior: dict, phi: np.ndarray | None,
-                         out: str | Path, *, labels=("w/o R", "with R")) -> dict:
-    """Write Fig. 5 from two state dicts (and phi) as a PNG; return the histograms it drew."""
+                         out: str | Path, *, labels=("w/o R", "with R"),
+                         strength: dict | None = None, phi_title: str = "learned phi") -> dict:
+    """Write Fig. 5 from two state dicts (and phi) as a PNG; return the histograms it drew.
+
+    ``strength``: the with-R run's ``prior_strength`` diagnostics (``cmkg.diagnostics``) after
+    its last epoch; adds a panel of the median |D| per regularised layer."""
     a, b = flat_weights(without), flat_weights(with_prior)
     lim = float(np.quantile(np.abs(np.concatenate([a, b])), 0.999))
     ha, hb = histogram(a, lim), histogram(b, lim)
@@ -647,7 +704,13 @@ def parameter_histograms(without: dict, with_prior: dict, phi: np.ndarray | None
     if phi is not None:
         hp = histogram(phi)
         data["phi_edges"], data["phi_counts"] = hp["edges"], hp["counts"]
-        panels.append({"title": "learned phi", **hp, "color": "tab:green", "xlabel": "phi"})
+        panels.append({"title": phi_title, **hp, "color": "tab:green", "xlabel": "phi"})
+    if strength and strength.get("layers"):
+        data["abs_d_median"] = {n: v["abs_d_median"] for n, v in strength["layers"].items()}
+        overall = strength["overall"]["abs_d_median"]
+        panels.append({"title": f"prior strength, with R: median |D| per layer\n(all: "
+                                f"{overall:.3g}; dashed: 0.1)", "bars": data["abs_d_median"],
+                       "color": "tab:purple", "xlabel": "median |D| over the run"})
     _draw_histograms(panels, out)
     return data
 
@@ -660,12 +723,19 @@ def fig5_from_artifacts(without_dir: str | Path, with_dir: str | Path,
     from cmkg.stages import open_artifact
 
     without = open_artifact(without_dir).load_model().state_dict()
-    with_prior = open_artifact(with_dir).load_model().state_dict()
-    phi = None
+    art = open_artifact(with_dir)
+    with_prior = art.load_model().state_dict()
+    history = art.metrics.get("history") or [{}]
+    strength = history[-1].get("diagnostics", {}).get("prior_strength")
+    phi, title = None, "learned phi"
     if prior_dir is not None:
         reg = open_artifact(prior_dir).load_phi()
         phi = torch.cat([p.flatten() for p in reg.phi()]).double().numpy()
-    return parameter_histograms(without, with_prior, phi, out)
+        scale = art.metrics.get("calibration", {}).get("scale")
+        if scale is not None:  # the phi the run used (before its per-weight cap)
+            phi, title = phi * scale, f"phi, calibrated (phi_META x {scale:.3g})"
+    return parameter_histograms(without, with_prior, phi, out, strength=strength,
+                                phi_title=title)
 
 
 # ---------------------------------------------------------------- the reports folder

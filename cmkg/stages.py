@@ -49,6 +49,7 @@ from cmkg import __version__, diagnostics, models, parallel, regularizers, stora
 from cmkg.atomic import atomic_path, torch_save, write_json, write_yaml
 from cmkg.config import Config, DataSpec, digest
 from cmkg.data import HandDataset, identity_collate, read_manifest, synth_source, synthesize
+from cmkg.data.dataset import prepare_batch
 from cmkg.errors import DataError, UserError
 from cmkg.losses import DEFAULT_REDUCTION
 from cmkg.meta import check_phi, meta_iteration, phi_bounds
@@ -213,6 +214,8 @@ def stage_spec(stage: str, cfg: Config, inputs: dict[str, str]) -> dict:
         spec["regularizer"] = {"form": r.form, "params": r.params}
         if r.form in ("l1", "l2"):
             spec["regularizer"]["sigma"] = r.sigma
+        if r.form in WEIGHTED and r.calibrate_d is not None:  # absent: keys stay as before
+            spec["regularizer"].update(calibrate_d=r.calibrate_d, d_cap=r.d_cap)
     # the loss reductions of the terms a stage uses enter its key only where they differ from
     # the defaults: the defaults are the behaviour from before reductions were a choice, so the
     # keys (and cached artifacts) of default runs stay what they were
@@ -456,6 +459,7 @@ class StageRun:
     regularizer: Regularizer | None = None
     wrapped: torch.nn.Module | None = None  # trainable as fit() drives it (DDP under Ray)
     diagnose: Callable[[int], dict] | None = None  # total steps K -> an epoch's diagnostics
+    calibration: dict | None = None  # the calibrated prior's scale (target, calibrate_d set)
 
 
 def build_stage(stage: str, cfg: Config, spec: dict, upstream: dict[str, Artifact],
@@ -550,6 +554,8 @@ def build_stage(stage: str, cfg: Config, spec: dict, upstream: dict[str, Artifac
         else:
             reg = regularizers.build(r.form, model, params=r.params, sigma=r.sigma)
         run.regularizer = reg = reg.to(device)
+        if r.form in WEIGHTED and r.calibrate_d is not None:
+            run.calibration = calibrate(run, cfg, spec, device)
         run.wrapped = wrap(model)
         run.loss_fn = regularized_objective(run.wrapped, reg, model,
                                             reduction=asdict(cfg.reduction))
@@ -561,6 +567,32 @@ def build_stage(stage: str, cfg: Config, spec: dict, upstream: dict[str, Artifac
     if run.wrapped is None:
         run.wrapped = run.trainable
     return run
+
+
+def calibrate(run: StageRun, cfg: Config, spec: dict, device: torch.device) -> dict:
+    """The calibrated prior (``regularizer.calibrate_d``): scale phi_META of the target stage so
+    that its median |D| at the fresh student's weights is the set value (``diagnostics.
+    calibrate_prior``), with s from a fixed draw of training batches and K = epochs x steps of a
+    one-process run. Deterministic, draws nothing from torch's generators, so every data-parallel
+    worker computes the same phi."""
+    r, bs = cfg.regularizer, cfg.optim.batch_size
+    n = min(diagnostics.CALIBRATION_BATCHES, len(run.train_set) // bs)
+    order = np.random.default_rng(cfg.run.seed).permutation(len(run.train_set))
+    batches = [prepare_batch(run.train_set.__getitems__(np.sort(order[i * bs:(i + 1) * bs])),
+                             device) for i in range(n)]
+    total_steps = spec["epochs"] * (len(run.train_set) // bs)
+    info = diagnostics.calibrate_prior(
+        run.regularizer, run.model, batches, lr=cfg.optim.lr, total_steps=total_steps,
+        d_target=r.calibrate_d, d_cap=r.d_cap, reduction=cfg.reduction.reg)
+    m = cfg.meta
+    if r.phi_param == "free" and r.phi_init == 0 and m.phi_optimizer == "sgd":
+        info["beta_equivalent"] = m.beta * info["scale"]  # Algorithm 1's beta, to first order
+    reached = "" if info["d_median"] > 0.99 * r.calibrate_d else (
+        f" (set {r.calibrate_d:g}: beyond what Adam's normalisation allows at this lr x steps)")
+    _say(f"target: calibrated prior: phi_META x {info['scale']:.3g} -> median |D| "
+         f"{info['d_median']:.3g}{reached} (was {info['d_median_before']:.3g}), "
+         f"{100 * info['fraction_capped']:.1f} % of weights capped at |D| = {r.d_cap}")
+    return info
 
 
 def make_loaders(run: StageRun, cfg: Config, device: torch.device, gen: torch.Generator):
@@ -680,6 +712,8 @@ def publish(run: StageRun, cfg: Config, key: str, spec: dict, upstream: dict[str
     strength = last.get("prior_strength")
     if strength:  # the target stage: the prior's strength after the last epoch, over all weights
         metrics["prior_strength"] = {k: strength[k] for k in ("lr", "total_steps", "overall")}
+    if run.calibration is not None:
+        metrics["calibration"] = run.calibration
     write_json(partial / "metrics.json", metrics)
     write_yaml(partial / "config.yaml", cfg.to_dict())
     write_json(partial / "meta.json", {

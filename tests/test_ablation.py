@@ -33,16 +33,18 @@ def test_shipped_files_load_and_expand(tmp_path):
     assert len(cells["table1"]) == 4 * 4 * 3
     assert _stages(ablation.union(cells["table1"])) == {
         "teacher": 9, "student": 18, "kd": 12}  # base, +A, bigger: teacher, student, long
-    assert len(cells["table2"]) == 9 * 3  # the paper's 7 rows and 2 constant-l2 rows of ours
-    assert _stages(ablation.union(cells["table2"])) == {
-        "teacher": 3, "student": 3, "meta": 6, "target": 27}
+    # the paper's 7 rows (one of them twice: paper beta and calibrated), l2 with sigma chosen on
+    # val from 6 values, two calibrated rows choosing from 4 strengths each
+    assert len(cells["table2"]) == (7 + 6 + 4 + 4) * 3
+    assert _stages(ablation.union(cells["table2"])) == {  # sigma 1e-5, 1e-3: paper rows' targets
+        "teacher": 3, "student": 3, "meta": 9, "target": 19 * 3}
     assert len(cells["table3"]) == 5 * 3 * 3
     assert _stages(ablation.union(cells["table3"])) == {
         "teacher": 3, "student": 3, "meta": 3, "target": 45}
     every = ablation.union([c for cs in cells.values() for c in cs])
     # Table 2's teacher and student are Table 1's row-2 ones; Table 3's stb row is Table 2's
-    assert _stages(every) == {"teacher": 9, "student": 18, "kd": 12, "meta": 6,
-                              "target": 27 + 36}
+    assert _stages(every) == {"teacher": 9, "student": 18, "kd": 12, "meta": 9,
+                              "target": 19 * 3 + 36}
     # one seed reseeds the whole chain: a weighted target's phi comes from its own seed
     for c in cells["table2"]:
         assert all(n.cfg.run.seed == c.seed for n in c.nodes)
@@ -54,10 +56,12 @@ def test_shipped_files_load_and_expand(tmp_path):
 def test_comparisons_and_paper_deltas():
     ab = ablation.load(ROOT / "ablations" / "table2.yaml")
     by = {(tuple(c["a"]), tuple(c["b"]), c["metric"]): c["paper_delta"] for c in ab.comparisons}
-    assert by[(("weighted l2", "target"), ("none", "target"), "epe_mm")] == pytest.approx(-7.49)
-    assert by[(("weighted l2", "target"), ("l2 σ=1e-5", "target"), "epe_mm")] == pytest.approx(
-        -3.84)
-    assert len(ab.comparisons) == 8 * 2 + 2 * 2
+    paper_beta = ("weighted l2 (paper β)", "target")
+    assert by[(paper_beta, ("none", "target"), "epe_mm")] == pytest.approx(-7.49)
+    assert by[(paper_beta, ("l2 σ=1e-5", "target"), "epe_mm")] == pytest.approx(-3.84)
+    calibrated = ("weighted l2 (calibrated)", "target")
+    assert by[(calibrated, ("l2 (σ chosen on val, ours)", "target"), "epe_mm")] is None
+    assert len(ab.comparisons) == 9 * 2 + 4 * 2  # 9 rows vs none; 4 pairs
     t1 = ablation.load(ROOT / "ablations" / "table1.yaml")
     kd_rgb = [c for c in t1.comparisons if c["a"][1] == "kd" and c["b"][1] == "rgb"]
     assert [c["paper_delta"] for c in kd_rgb] == pytest.approx([-1.27, -2.49, -2.18, -2.68])
@@ -253,13 +257,22 @@ def test_shipped_table2_at_smoke_one_seed_completes_and_renders(tmp_path):
          "--set", f"data.root={tmp_path / 'data'}", *sum((["--set", s] for s in TINY), [])],
         capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "9 cells: 0 done, 9 to run; 13 stages: 0 cached, 13 to train" in done.stderr
+    # 21 cells (the choose rows: a cell per value); 1 teacher, 1 student, 3 phi, 19 targets
+    assert "21 cells: 0 done, 21 to run; 24 stages: 0 cached, 24 to train" in done.stderr
     from cmkg.report import load_records
 
     spec, recs = load_records(rep / "results")["table2"]
     assert sorted(r["row"] for r in recs) == sorted(r["label"] for r in spec["rows"])
     assert all(r["status"] == "done" and r["epe_mm"] > 0 for r in recs)
     md = (rep / "table2.md").read_text()
-    assert "weighted l2" in md and "Mean-pose baseline" in md and "φ_META" not in md  # 1 seed
+    assert "weighted l2" in md and "Mean-pose baseline" in md
+    assert "## φ_META across seeds" not in md  # 1 seed
     assert (rep / "figure4.png").stat().st_size > 0 and (rep / "figure5.png").stat().st_size > 0
     assert "| none | 15.67 |" in md  # the paper's value beside ours
+    # the choices made on val, with every value's val EPE, and the strength table
+    assert "regularizer.sigma = " in md and "chosen on the validation split" in md
+    assert md.count("regularizer.calibrate_d = ") == 2
+    assert "## The regularizer's strength" in md
+    chosen = [r for r in recs if r["row"] == "weighted l2 (calibrated)"][0]["extra"]
+    assert chosen["chosen"]["key"] == "regularizer.calibrate_d"
+    assert len(chosen["chosen"]["val_epe_mm"]) == 4 and "calibration" in chosen

@@ -68,7 +68,10 @@ def test_every_config_field_is_hashed_or_declared_result_neutral(tmp_path):
     a cached artifact can never be reused for a config that would train differently."""
     bases = [config.load("smoke", [f"data.root={tmp_path}", "regularizer.form=weighted_l2"]),
              config.load("smoke", [f"data.root={tmp_path}", "regularizer.form=l2",
-                                   "data.augment={domain: augment, num: 100, size: 48}"])]
+                                   "data.augment={domain: augment, num: 100, size: 48}"]),
+             # d_cap acts (and is hashed) only with a calibrated prior
+             config.load("smoke", [f"data.root={tmp_path}", "regularizer.form=weighted_l2",
+                                   "regularizer.calibrate_d=1.0"])]
     from cmkg.data import synthesize
 
     folder = tmp_path / "set"
