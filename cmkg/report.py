@@ -421,15 +421,16 @@ def table_markdown(spec: dict, records: list[dict]) -> str:
     strength = _strength_rows(spec, records)
     if strength:
         out.append("## The regularizer's strength\n")
-        out.append("Per row, over the seeds (mean): D, the e-folds R decays (D > 0) or grows "
+        out.append("Per row, over the n seeds whose stage logged it (mean): D, the e-folds "
+                   "R decays (D > 0) or grows "
                    "(D < 0) a weight over the target run with Adam's own gradient scale "
                    "(PRIOR-SCALE.md; |D| << 0.1: R does nothing), its median over the "
                    "regularised weights and the fraction with |D| > 0.1, after the last epoch; "
                    "||∇R|| / ||∇L_REG|| on the regularised weights; for a calibrated prior, the "
                    "factor applied to φ_META and the β of Algorithm 1 it amounts to.\n")
-        out.append(_md_table(["row", "median abs D", "abs D > 0.1", "D < 0", "grad ratio",
+        out.append(_md_table(["row", "n", "median abs D", "abs D > 0.1", "D < 0", "grad ratio",
                               "φ scale", "β equivalent"], strength,
-                             right={1, 2, 3, 4, 5, 6}))
+                             right={1, 2, 3, 4, 5, 6, 7}))
     if spec.get("notes"):
         out.append("## Notes\n")
         out.append("".join(f"- {n}\n" for n in spec["notes"]))
@@ -454,7 +455,7 @@ def _strength_rows(spec: dict, records: list[dict]) -> list[list[str]]:
             return "—" if x is None else f"{x:.3g}"
 
         cal = [f["calibration"] for f in found if "calibration" in f]
-        out.append([r["label"], g(mean([o["abs_d_median"] for o in overall])),
+        out.append([r["label"], str(len(found)), g(mean([o["abs_d_median"] for o in overall])),
                     g(mean([o.get("frac_abs_d_gt_0.1") for o in overall])),
                     g(mean([o["frac_d_negative"] for o in overall])),
                     g(mean([o.get("grad_ratio") for o in overall])),

@@ -106,5 +106,13 @@ def test_fig5_histograms_from_artifacts(tiny, tmp_path):
     # the central 99.9 % of the weights fall inside the drawn range
     assert 0.998 * n <= sum(data["theta_counts"]["w/o R"]) <= n
     assert sum(data["phi_counts"]) >= 0.998 * prior.metrics["phi"]["count"]
+    # the prior's strength per layer, as the with-R run measured it after its last epoch
+    last = with_r.metrics["history"][-1]["diagnostics"]["prior_strength"]["layers"]
+    assert data["abs_d_median"] == {n_: v["abs_d_median"] for n_, v in last.items()}
+    # a calibrated run: the phi drawn is the one it used (phi_META x its scale)
+    cal = stages.run_stage("target", _with(tiny, regularizer={"calibrate_d": 0.1}))
+    scaled = report.fig5_from_artifacts(without.path, cal.path, prior.path, tmp_path / "d.png")
+    scale = cal.metrics["calibration"]["scale"]
+    assert scaled["phi_edges"][-1] == pytest.approx(scale * data["phi_edges"][-1], rel=1e-6)
     assert cli.main(["figure", "params", "--without", str(tmp_path), "--with", str(with_r.path),
                      "--out", str(tmp_path / "c.png")]) == 2
