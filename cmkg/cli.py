@@ -6,12 +6,13 @@
     cmkg train {teacher,student,kd,meta,target} --config FILE|PRESET [--set key=value ...]
                [--out DIR] [--workers N [--gpus-per-worker G] [--address ADDR]]
     cmkg tune SPACE.yaml [--config FILE|PRESET] [--set key=value ...] [--out DIR] [--resume]
-              [--storage URL] [--address ADDR]
+              [--storage URL] [--address ADDR] [--trials N] [--time-budget SECONDS]
     cmkg ablate ABLATION.yaml... [--config FILE|PRESET] [--set key=value ...] [--seeds N]
                 [--address ADDR] [--dry-run] [--report DIR] [--cpus-per-task N]
                 [--gpus-per-task G] [--workers N]
     cmkg reproduce [same options]             # ablations/table{1,2,3}.yaml, then the report
     cmkg report [--results DIR] [--out reports]   # tables and figures from the records only
+    cmkg report tune SWEEP_DIR [--storage URL]    # trials.parquet and plots from the study only
     cmkg eval-predictions --pred P.npy --gt G.npy [--vis V.npy] [--root-relative]
     cmkg figure params --without DIR --with DIR [--prior DIR] --out PNG   # Fig. 5
     cmkg config show --config FILE|PRESET [--set key=value ...]
@@ -99,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--storage", help="Optuna storage URL (default: SQLite beside the results)")
     tune.add_argument("--address", help="Ray cluster to join (auto, host:port); default: "
                       "RAY_ADDRESS, else a local Ray started for this command")
+    tune.add_argument("--trials", type=int, help="number of trials (overrides the space's)")
+    tune.add_argument("--time-budget", type=float, metavar="SECONDS",
+                      help="stop the sweep after this many seconds (overrides time_budget_s)")
 
     ablate = sub.add_parser("ablate", help="regenerate a table of the paper: rows x seeds, "
                             "shared stages trained once, records and the report")
@@ -109,9 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
     repro.add_argument("--ablations", default=None,
                        help="folder of the ablation files (default: ablations/ of this checkout)")
     _add_run_args(repro)
-    rep = sub.add_parser("report", help="rebuild reports/ from the stored result records only")
+    rep = sub.add_parser("report", help="rebuild reports/ from the stored result records only; "
+                         "`report tune SWEEP_DIR`: a sweep's trials.parquet and plots")
+    rep.add_argument("mode", nargs="?", choices=["tune"],
+                     help="tune: rebuild a sweep's trials.parquet and plots from its study")
+    rep.add_argument("sweep", nargs="?", help="the sweep folder ({run.store}/_tune/NAME)")
     rep.add_argument("--results", default=None, help="records folder (default: OUT/results)")
     rep.add_argument("--out", default="reports", help="report folder (default: reports)")
+    rep.add_argument("--storage", help="report tune: Optuna storage URL (default: the sweep "
+                     "folder's optuna.db)")
 
     ev = sub.add_parser("eval-predictions", help="EPE / PCK / AUC of saved predictions as JSON")
     ev.add_argument("--pred", required=True, help="(N, 21, 3) predictions, mm")
@@ -240,7 +250,8 @@ def _cmd_tune(args) -> int:
 
     overrides = list(args.overrides) + ([f"run.store={args.out}"] if args.out else [])
     summary = run_tune(args.space, args.config, overrides, resume=args.resume,
-                       storage=args.storage, address=args.address)
+                       storage=args.storage, address=args.address, trials=args.trials,
+                       time_budget_s=args.time_budget)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -291,6 +302,14 @@ def _cmd_ablate(args) -> int:
 
 
 def _cmd_report(args) -> int:
+    if args.mode == "tune":
+        from cmkg.cluster.tune import report_tune
+
+        if not args.sweep:
+            raise UserError("cmkg report tune: name the sweep folder ({run.store}/_tune/NAME)")
+        for path in report_tune(args.sweep, storage=args.storage):
+            print(path)
+        return 0
     from cmkg.report import render_reports
 
     out = Path(args.out)

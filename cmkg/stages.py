@@ -370,12 +370,20 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def run_stage(stage: str, cfg: Config, store: Store | None = None) -> Artifact:
-    """Run ``stage`` (and, first, any upstream stage the store lacks); return its artifact."""
+def run_stage(stage: str, cfg: Config, store: Store | None = None,
+              on_epoch: Callable[[int, dict], None] | None = None) -> Artifact:
+    """Run ``stage`` (and, first, any upstream stage the store lacks); return its artifact.
+
+    ``on_epoch(epoch, record)``, if given, runs after every epoch of ``stage`` itself (not of its
+    inputs) with the epoch's history record (``val`` holds ``epe_mm`` and ``auc_20_50`` where
+    the epoch validated), after that epoch's checkpoint: a sweep reports it, and may stop the
+    run there (the stage stays unpublished in ``{key}.partial/``, and a rerun resumes it)."""
     store = store or Store.of(cfg)
     done: dict[tuple[str, str], Artifact] = {}
-    for node in plan(stage, cfg):
-        done[node.id] = run_node(node, store, upstream_of(node, done))
+    nodes = plan(stage, cfg)
+    for node in nodes:
+        hook = on_epoch if node is nodes[-1] else None
+        done[node.id] = run_node(node, store, upstream_of(node, done), on_epoch=hook)
     return done[node.id]
 
 
@@ -385,10 +393,13 @@ def upstream_of(node: Node, done: dict[tuple[str, str], Artifact]) -> dict[str, 
 
 
 def run_node(node: Node, store: Store, upstream: dict[str, Artifact],
-             train: Callable | None = None) -> Artifact:
+             train: Callable | None = None,
+             on_epoch: Callable[[int, dict], None] | None = None) -> Artifact:
     """The artifact of one plan node: a cache hit, or trained by ``train`` (in-process by
-    default) while this process holds the key's writer lock. A process that finds the lock
-    held waits, then takes the cache hit: one writer per key."""
+    default, calling ``on_epoch`` after each epoch) while this process holds the key's writer
+    lock. A process that finds the lock held waits, then takes the cache hit: one writer per
+    key."""
+    train = train or functools.partial(_train, on_epoch=on_epoch)
     art = store.get(node.stage, node.key)
     if art is not None:
         _say(f"{node.stage}: cached {store.describe(node.stage, node.key)}")
@@ -399,7 +410,7 @@ def run_node(node: Node, store: Store, upstream: dict[str, Artifact],
             _say(f"{node.stage}: finished by another process, cached "
                  f"{store.describe(node.stage, node.key)}")
             return art
-        return (train or _train)(node.stage, node.cfg, node.key, node.spec, upstream, store)
+        return train(node.stage, node.cfg, node.key, node.spec, upstream, store)
 
 
 @contextlib.contextmanager
@@ -627,7 +638,7 @@ def partial_dir(store: Store, stage: str, key: str) -> tuple[Path, Path]:
 
 
 def _train(stage: str, cfg: Config, key: str, spec: dict, upstream: dict[str, Artifact],
-           store: Store) -> Artifact:
+           store: Store, on_epoch: Callable[[int, dict], None] | None = None) -> Artifact:
     device = resolve_device(cfg.run.device)
     torch.set_num_threads(cfg.run.threads or os.cpu_count() or 1)
     run = build_stage(stage, cfg, spec, upstream, device)
@@ -652,6 +663,8 @@ def _train(stage: str, cfg: Config, key: str, spec: dict, upstream: dict[str, Ar
             check_phi(run.regularizer, stage, st.epoch)
         torch_save(ckpt_path, checkpoint_blob(run, key, st, gen))
         store.push_checkpoint(stage, key, ckpt_path)
+        if on_epoch is not None:  # after the checkpoint: a caller stopping here can resume it
+            on_epoch(st.epoch, st.history[-1])
 
     # -- fit -------------------------------------------------------------------------------------
     started = time.time()
