@@ -432,21 +432,27 @@ def _extra(cell: Cell, art: stages.Artifact, done: dict) -> dict:
 
 
 def phi_correlation(cells: list[Cell], done: dict) -> list[dict]:
-    """Pearson correlation of phi_META between seeds, per weighted form (is phi knowledge
-    shared by the seeds, or noise?), from the meta stages the table's target cells used."""
+    """Pearson correlation of phi_META between seeds, per weighted form and parametrisation
+    (is phi knowledge shared by the seeds, or noise?), from the meta stages the table's target
+    cells used."""
     metas: dict[str, dict[int, tuple[str, str]]] = {}
     for c in cells:
         for n in c.nodes:
             if n.stage == "meta" and n.id in done:
-                metas.setdefault(n.cfg.regularizer.form, {})[c.seed] = n.id
+                r = n.cfg.regularizer
+                form = r.form if r.phi_param == "free" else f"{r.form} ({r.phi_param})"
+                metas.setdefault(form, {})[c.seed] = n.id
     out = []
     for form, by_seed in sorted(metas.items()):
         seeds = sorted(by_seed)
         phis = {s: _phi_values(done[by_seed[s]]) for s in seeds}
         for i, a in enumerate(seeds):
             for b in seeds[i + 1:]:
-                r = float(np.corrcoef(phis[a], phis[b])[0, 1])
-                out.append({"form": form, "seeds": [a, b], "pearson": round(r, 6),
+                # a constant phi (softplus learned from phi_init barely moves in float32) has
+                # no correlation: None, shown as such
+                r = (None if min(phis[a].std(), phis[b].std()) == 0
+                     else round(float(np.corrcoef(phis[a], phis[b])[0, 1]), 6))
+                out.append({"form": form, "seeds": [a, b], "pearson": r,
                             "count": int(phis[a].size)})
     return out
 

@@ -416,7 +416,8 @@ def table_markdown(spec: dict, records: list[dict]) -> str:
                    "as a correlation well above 0, noise as about 0.\n")
         out.append(_md_table(["form", "seeds", "correlation", "weights"],
                              [[c["form"], f"{c['seeds'][0]} vs {c['seeds'][1]}",
-                               f"{c['pearson']:+.3f}", str(c["count"])]
+                               "— (φ constant)" if c["pearson"] is None
+                               else f"{c['pearson']:+.3f}", str(c["count"])]
                               for c in spec["phi_correlation"]], right={2, 3}))
     strength = _strength_rows(spec, records)
     if strength:
