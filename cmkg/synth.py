@@ -64,6 +64,12 @@ class Sequences:
     Of the ``Domain`` fields, the view half-ranges, ``shift`` and ``fill`` bound the sequence
     centres, ``size_*``, ``skin_*`` and ``focal`` draw the subject and camera, the appearance
     fields apply as for an i.i.d. domain; ``pose_spread`` and ``back_prob`` are not used.
+
+    Measured at the cpu preset (1,500 samples at 48 px, resnet10, 8 target epochs): train / val
+    / test EPE 7.9 / 27.3 / 44.7 mm without a regularizer (run seed 0; mean pose 53.2 on test),
+    and over 5 run seeds a constant l2 with sigma chosen on val (1e-2) beats none on test by
+    -1.12 mm, paired 95 % interval [-2.04, -0.20] (reports/table2.md): the domain has a
+    generalization gap that a regularizer can measurably close.
     """
 
     names: tuple[str, ...] = STB_SEQUENCES
