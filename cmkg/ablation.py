@@ -450,7 +450,7 @@ def phi_correlation(cells: list[Cell], done: dict) -> list[dict]:
             for b in seeds[i + 1:]:
                 # a constant phi (softplus learned from phi_init barely moves in float32) has
                 # no correlation: None, shown as such
-                r = (None if min(phis[a].std(), phis[b].std()) == 0
+                r = (None if np.ptp(phis[a]) == 0 or np.ptp(phis[b]) == 0
                      else round(float(np.corrcoef(phis[a], phis[b])[0, 1]), 6))
                 out.append({"form": form, "seeds": [a, b], "pearson": r,
                             "count": int(phis[a].size)})
