@@ -406,19 +406,13 @@ def _phi_values(art: stages.Artifact) -> np.ndarray:
     return _PHI_CACHE[key]
 
 
-def _histogram(values: np.ndarray, bins: int = 101) -> dict:
-    lim = float(np.quantile(np.abs(values), 0.999)) or 1.0
-    counts, edges = np.histogram(values, np.linspace(-lim, lim, bins + 1))
-    return {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts]}
-
-
 def _extra(cell: Cell, art: stages.Artifact, done: dict) -> dict:
     """Fig. 5's data for target cells: a histogram of the network's weights, and of phi."""
     if cell.node.stage != "target":
         return {}
-    from cmkg.report import flat_weights
+    from cmkg.report import flat_weights, histogram
 
-    out = {"theta_hist": _histogram(flat_weights(art.load_model().state_dict()))}
+    out = {"theta_hist": histogram(flat_weights(art.load_model().state_dict()))}
     for k in ("prior_strength", "calibration"):  # D after the last epoch; the calibrated scale
         if k in art.metrics:
             out[k] = art.metrics[k]
@@ -426,7 +420,7 @@ def _extra(cell: Cell, art: stages.Artifact, done: dict) -> dict:
     if meta_key and ("meta", meta_key) in done:
         prior = done[("meta", meta_key)]
         scale = out.get("calibration", {}).get("scale", 1.0)  # the calibrated phi, before its cap
-        out["phi_hist"] = _histogram(scale * _phi_values(prior))
+        out["phi_hist"] = histogram(scale * _phi_values(prior))
         out["phi"] = prior.metrics.get("phi", {})
     return out
 

@@ -438,6 +438,15 @@ def table_markdown(spec: dict, records: list[dict]) -> str:
     return "\n".join(out)
 
 
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def _g(x: float | None) -> str:
+    return "—" if x is None else f"{x:.3g}"
+
+
 def _strength_rows(spec: dict, records: list[dict]) -> list[list[str]]:
     """The D table's rows from the records' ``extra.prior_strength`` / ``extra.calibration``."""
     out = []
@@ -447,21 +456,13 @@ def _strength_rows(spec: dict, records: list[dict]) -> list[list[str]]:
         if not found:
             continue
         overall = [f["prior_strength"]["overall"] for f in found]
-
-        def mean(values):
-            values = [v for v in values if v is not None]
-            return float(np.mean(values)) if values else None
-
-        def g(x):
-            return "—" if x is None else f"{x:.3g}"
-
         cal = [f["calibration"] for f in found if "calibration" in f]
-        out.append([r["label"], str(len(found)), g(mean([o["abs_d_median"] for o in overall])),
-                    g(mean([o.get("frac_abs_d_gt_0.1") for o in overall])),
-                    g(mean([o["frac_d_negative"] for o in overall])),
-                    g(mean([o.get("grad_ratio") for o in overall])),
-                    g(mean([c["scale"] for c in cal])) if cal else "—",
-                    g(mean([c.get("beta_equivalent") for c in cal])) if cal else "—"])
+        out.append([r["label"], str(len(found)), _g(_mean([o["abs_d_median"] for o in overall])),
+                    _g(_mean([o.get("frac_abs_d_gt_0.1") for o in overall])),
+                    _g(_mean([o["frac_d_negative"] for o in overall])),
+                    _g(_mean([o.get("grad_ratio") for o in overall])),
+                    _g(_mean([c["scale"] for c in cal])) if cal else "—",
+                    _g(_mean([c.get("beta_equivalent") for c in cal])) if cal else "—"])
     return out
 
 
