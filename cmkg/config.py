@@ -103,7 +103,7 @@ class RegularizerConfig:
     prior: str | None = None  # a finished meta stage folder; default: found by key
     # calibrated prior (a documented deviation, weighted forms on the target only): scale
     # phi_META so that the median |D| over the regularised weights is calibrate_d, then cap
-    # every weight's |D| at d_cap (D: e-folds R moves a weight over the run, PRIOR-SCALE.md);
+    # every weight's |D| at d_cap (D: e-folds R moves a weight over the run, docs/prior-strength.md);
     # null = phi_META as Algorithm 1 learned it (the paper)
     calibrate_d: float | None = None
     d_cap: float | None = 3.0

@@ -2,7 +2,7 @@
 
 Measured once per epoch on one fixed training batch (``fixed_batch``) by the hooks that
 ``cmkg.stages`` passes to ``fit(diagnose=...)``; each epoch record keeps them under
-``diagnostics``. See PRIOR-SCALE.md for why these numbers matter.
+``diagnostics``. docs/prior-strength.md says why these numbers matter and what they measured.
 
 Gradient shares. For an objective that is a sum of terms T_k (kd and meta: G = L_REG + L_ACT +
 lambda * L_ATT; target: F = L_REG + R(theta)), on the backbone parameters theta (the stem and
@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from cmkg.data.dataset import prepare_batch
 from cmkg.meta import objective_g
 
-STRONG = 0.1  # |D| above this: R shapes the weight over the run (PRIOR-SCALE.md)
+STRONG = 0.1  # |D| above this: R shapes the weight over the run (docs/prior-strength.md)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,7 +284,7 @@ def gradient_rms(model: nn.Module, names: list[str], batches: list[dict[str, Ten
 def _expected_d(c: float, lrk: float, a: Tensor, theta: Tensor, s: Tensor) -> Tensor:
     """|D| of each weight when phi is c * phi_META: R's gradient c * a (a = grad R at
     phi_META) joins the data's RMS s in Adam's scale, sqrt(s^2 + (c a)^2), so |D| grows with c
-    but saturates at lr K / |theta| (R alone, normalised by Adam, PRIOR-SCALE.md)."""
+    but saturates at lr K / |theta| (R alone, normalised by Adam)."""
     x = c * a.abs()
     return lrk * x / ((s.pow(2) + x.pow(2)).sqrt() + 1e-8) / theta.abs().clamp_min(1e-12)
 

@@ -1,6 +1,7 @@
 """A 21-joint procedural hand: skeleton, joint limits, forward kinematics and joint-order maps.
 
-Joint order (MANO/FreiHAND, used everywhere inside cmkg)::
+Joint order (MANO/FreiHAND, used everywhere inside cmkg; the paper, Sect. 5.2, brings every
+dataset into MANO's layout and moves STB's root from the palm centre to the wrist)::
 
     0 wrist; 1-4 thumb (CMC, MCP, IP, tip); 5-8 index (MCP, PIP, DIP, tip);
     9-12 middle; 13-16 ring; 17-20 little.
@@ -11,8 +12,9 @@ Hand frame (right hand, millimetres): origin at the wrist, +y distal (wrist -> m
 +x radial (towards the thumb), +z palmar (out of the palm). Flexion turns a finger about its
 local x axis towards +z; abduction turns it about its local z axis, positive = radial.
 
-Bone lengths and joint limits are the adult figures of HANDS.md (185 mm long, 85 mm wide hand).
-HANDS.md's metacarpal splay (index -15, middle -6, ring 0, little +7 deg) is measured from each
+Bone lengths and joint limits are adult anthropometric figures (a hand 185 mm long, 85 mm
+wide); docs/hand-model.md lists them beside the datasets' joint orders. The anatomical
+metacarpal splay (index -15, middle -6, ring 0, little +7 deg) is measured from each
 metacarpal's own carpal base. In the 21-joint skeleton all four metacarpals hang from the wrist
 joint, so we fan them wider (``METACARPAL_SPLAY_DEG``) to put the knuckles 45-50 mm apart, a
 typical adult knuckle width.
@@ -39,7 +41,9 @@ JOINT_NAMES = ["wrist"] + [
 # parent of each joint; fingers are chains of 4 hanging from the wrist
 PARENTS = np.array([-1] + [0 if k % 4 == 0 else 1 + 4 * (k // 4) + k % 4 - 1 for k in range(20)])
 
-# Gathers from other datasets' joint orders into ours: ours[j] = theirs[MAP[j]] (HANDS.md).
+# Gathers from other datasets' joint orders into ours: ours[j] = theirs[MAP[j]]
+# (docs/hand-model.md). RHD: per hand wrist, then thumb..little each tip-first; STB (handPara):
+# palm centre, then little..thumb each MCP -> tip; MANO: 16 joints + 5 fingertips as rows 16-20.
 RHD_TO_OURS = [0, 4, 3, 2, 1, 8, 7, 6, 5, 12, 11, 10, 9, 16, 15, 14, 13, 20, 19, 18, 17]
 STB_TO_OURS = [0, 17, 18, 19, 20, 13, 14, 15, 16, 9, 10, 11, 12, 5, 6, 7, 8, 1, 2, 3, 4]
 MANO_TO_OURS = [0, 13, 14, 15, 16, 1, 2, 3, 17, 4, 5, 6, 18, 10, 11, 12, 19, 7, 8, 9, 20]
@@ -56,7 +60,7 @@ BONE_LENGTHS_MM = {
 THUMB_CMC_OFFSET_MM = np.array([20.0, 16.0, 8.0])  # wrist -> thumb CMC, hand frame
 METACARPAL_SPLAY_DEG = {"index": 21.0, "middle": 6.0, "ring": -8.0, "little": -21.0}  # + radial
 
-# Joint limits in degrees (HANDS.md). Abduction is positive towards the thumb.
+# Joint limits in degrees (docs/hand-model.md). Abduction is positive towards the thumb.
 LIMITS_DEG = {
     "mcp_flex": (0.0, 90.0),
     "pip_flex": (0.0, 100.0),

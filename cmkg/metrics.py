@@ -1,4 +1,4 @@
-"""3D hand-pose metrics under the standard RGB protocol (HANDS.md).
+"""3D hand-pose metrics under the standard RGB protocol (Sect. 5.2: EPE, 3D PCK, AUC).
 
 Predictions are root-relative and scale-normalised; they are denormalised with the ground-truth
 scale (middle MCP-PIP length) and compared with root-relative ground truth, in millimetres.

@@ -1,5 +1,5 @@
-"""Real-dataset converters on tiny fixtures written in the published layouts (HANDS.md) by
-``cmkg.data.convert.examples`` from synthetic hands with known joints."""
+"""Real-dataset converters on tiny fixtures written in the published layouts
+(docs/hand-model.md) by ``cmkg.data.convert.examples`` from synthetic hands with known joints."""
 
 import json
 import os

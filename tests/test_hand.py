@@ -32,7 +32,7 @@ def test_bone_lengths_follow_the_shape(sample):
     for k in range(3):
         seg = np.linalg.norm(joints[:, 2 + k] - joints[:, 1 + k], axis=1)
         np.testing.assert_allclose(seg, shape.bones[:, 0, k + 1], rtol=1e-9)
-    # mean hand: 185 mm class lengths from HANDS.md
+    # mean hand: the adult lengths of a 185 mm hand (hand.BONE_LENGTHS_MM, docs/hand-model.md)
     assert shape.bones[:, 2, 1].mean() == pytest.approx(51.3, rel=0.05)
 
 

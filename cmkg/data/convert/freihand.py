@@ -1,6 +1,6 @@
 """FreiHAND's training set -> four RGB datasets ``freihand-g``, ``-h``, ``-s``, ``-a``.
 
-Layout read (ROOT is the unpacked ``FreiHAND_pub_v2`` folder, HANDS.md)::
+Layout read (ROOT is the unpacked ``FreiHAND_pub_v2`` folder; Zimmermann et al., ICCV 2019)::
 
     ROOT/training_xyz.json      N lists of 21x3, metres, camera frame, FreiHAND order (= ours)
     ROOT/training_K.json        N lists of 3x3

@@ -1,6 +1,6 @@
 """RHD, the Rendered Hand Pose Dataset (the paper's paired source set) -> shards with depth.
 
-Layout read (ROOT is the unpacked ``RHD_published_v2`` folder, HANDS.md)::
+Layout read (ROOT is the unpacked ``RHD_published_v2`` folder; Zimmermann & Brox, ICCV 2017)::
 
     ROOT/training/anno_training.pickle      {id: {xyz (42, 3) m, uv_vis (42, 3) px + flag,
     ROOT/evaluation/anno_evaluation.pickle         K (3, 3)}}, Python 2 pickle

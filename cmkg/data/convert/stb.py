@@ -1,6 +1,6 @@
 """STB, the Stereo Hand Pose Tracking Benchmark (the paper's target set) -> RGB shards.
 
-Layout read (HANDS.md)::
+Layout read (Zhang et al., ICIP 2017)::
 
     ROOT/labels/<seq>_SK.mat          handPara (3, 21, N), mm, the SK depth camera's frame
     ROOT/images/<seq>/SK_color_<i>.png  640x480 RGB, i = 0 .. N-1
@@ -11,7 +11,8 @@ Conventions:
 * Joints: ``handPara`` reordered with ``hand.STB_TO_OURS``, moved into the colour camera's frame
   with the published extrinsics, X_color = R^-1 (X_depth - t), R from the Rodrigues vector; then
   the palm centre (STB's joint 0) is replaced by the wrist, wrist = ringMCP + 2 (palm - ringMCP),
-  the most common conversion (HANDS.md). 2D joints: projection with the SK colour intrinsics.
+  the most common conversion in public STB loaders (others use another MCP or a factor of ~2.2).
+  2D joints: projection with the SK colour intrinsics.
   Every joint is marked visible (STB has no visibility labels).
 * Splits: the paper's: B1Counting and B1Random -> test; B2-B6 -> train, less a val set of
   round(val_fraction N) frames chosen by a permutation seeded with ``seed``. (Neighbouring frames
