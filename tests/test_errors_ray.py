@@ -51,7 +51,7 @@ def test_unwrap_user_error_finds_the_error_behind_rays_wrappers():
     # rank 0 died of the collateral damage, rank 1 of the bad input: the user error wins
     assert unwrap_user_error(WorkerGroupError("x", {0: RuntimeError("gloo"), 1: data})) is data
     assert unwrap_user_error(ControllerError(num)) is num
-    task = RayTaskError("_stage_in_task", "Traceback ...", data).as_instanceof_cause()
+    task = RayTaskError("run_nodes", "Traceback ...", data).as_instanceof_cause()
     assert isinstance(task, DataError) and str(task) != str(data)  # its message: a traceback
     assert unwrap_user_error(task) is data
     assert unwrap_user_error(data) is data
@@ -68,7 +68,7 @@ def test_cli_a_crash_in_a_ray_task_keeps_its_traceback(tmp_path, monkeypatch):
     from ray.exceptions import RayTaskError
 
     def crash(*a, **k):
-        raise RayTaskError("_stage_in_task", "tb", ZeroDivisionError("bug")).as_instanceof_cause()
+        raise RayTaskError("run_nodes", "tb", ZeroDivisionError("bug")).as_instanceof_cause()
 
     monkeypatch.setattr(stages, "run_stage", crash)
     with pytest.raises(ZeroDivisionError):  # not swallowed into a one-line message
@@ -112,25 +112,23 @@ def test_diverging_loss_in_a_ray_train_worker_is_one_line_and_not_retried(tmp_pa
 
 
 def test_user_error_in_a_ray_task_is_not_retried(local_ray, truncated, tmp_path):
-    """stage_task (max_retries=1) on the truncated shard: ray.get raises a RayTaskError; its
+    """A stage task (max_retries=1) on the truncated shard: ray.get raises a RayTaskError; its
     cause is the DataError with the in-process message; the task ran once (Ray retries
     application errors only with retry_exceptions, which stays off)."""
     from ray.exceptions import RayTaskError
 
-    from cmkg.cluster.train import stage_task
-    from cmkg.cluster.train import unwrap_user_error as reexported
+    from cmkg.cluster import tasks
 
-    assert reexported is unwrap_user_error  # the ablation runner imports it from here
     cfg = _cfg(truncated, tmp_path)
     with pytest.raises(DataError) as in_process:
         stages.run_stage("teacher", cfg)
     with pytest.raises(RayTaskError) as remote:
-        local_ray.get(stage_task("teacher", cfg, cpus=1))
+        local_ray.get(tasks.submit(stages.plan("teacher", cfg)))
     err = unwrap_user_error(remote.value)
     assert type(err) is DataError and str(err) == str(in_process.value)
     # Ray marks each task execution in its worker's log: one execution, no retry
     session = Path(local_ray._private.worker.global_worker.node.get_session_dir_path())
-    runs = sum(f.read_text().count(":task_name:_stage_in_task")
+    runs = sum(f.read_text().count(":task_name:run_nodes")
                for f in session.glob("logs/worker-*.out"))
     assert runs == 1
 

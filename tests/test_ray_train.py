@@ -60,13 +60,14 @@ def test_store_on_s3_holds_artifact_and_ray_checkpoints(local_ray, tiny_cfg, s3_
 
 
 def test_one_worker_stage_as_ray_task_trains_in_process(local_ray, tiny_cfg):
-    """The sweep/ablation path: a Ray task trains in-process (no TorchTrainer) into the same
-    artifact key; run_stage_auto with one worker is the same in-process call."""
-    from cmkg.cluster.train import run_stage_auto, stage_task
+    """The sweep/ablation path: a Ray task receives the planned nodes and trains them
+    in-process (no TorchTrainer) into the same artifact keys the in-process run finds."""
+    from cmkg.cluster import tasks
 
-    path = local_ray.get(stage_task("teacher", tiny_cfg, cpus=1))
+    nodes = stages.plan("teacher", tiny_cfg)
+    path = local_ray.get(tasks.submit(nodes, cpus_per_worker=1))
     art = stages.open_artifact(path)
-    assert art.key == stages.stage_key("teacher", tiny_cfg)[0]
+    assert art.key == nodes[-1].key == stages.stage_key("teacher", tiny_cfg)[0]
     assert [h["epoch"] for h in art.metrics["history"]] == [1, 2]
     assert not Path(tiny_cfg.run.store, "_ray").exists()  # no Ray Train run was started
-    assert run_stage_auto("teacher", tiny_cfg, workers=1).path == art.path  # cache hit
+    assert stages.run_stage("teacher", tiny_cfg).path == art.path  # cache hit

@@ -1,0 +1,237 @@
+"""The artifact store: finished stages as folders, addressed by their key.
+
+An *artifact* is the folder ``{store}/{stage}/{key[:20]}`` of a finished stage:
+
+    model.pt      best weights (by validation EPE) with arch and modality
+    phi.pt        (meta) phi_META, the final phi, with its form and parametrisation
+    metrics.json  test metrics of those weights, best validation metrics, per-epoch history
+    config.yaml   the full resolved config
+    meta.json     key, the spec it hashes, input artifact keys, data fingerprints, code
+                  version, device, timings
+
+Beside it live the two files of a stage in progress, and nowhere else:
+
+    {key[:20]}.partial/   the stage while it trains, with ``checkpoint.pt`` written atomically
+                          after every epoch; the finished folder appears by one rename of it,
+                          so a reader never sees half an artifact
+    {key[:20]}.lock       the writer lock: one process trains a key, the others wait for it
+
+A store is a local folder or a pyarrow filesystem URI (``s3://...``) mirrored into a local
+cache (``cmkg.storage``); artifacts are published locally, then uploaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import json
+import os
+import shutil
+import socket
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import torch
+
+from cmkg import __version__, models, storage
+from cmkg.atomic import atomic_path
+from cmkg.config import Config
+from cmkg.console import say
+from cmkg.errors import DataError
+from cmkg.regularizers import Regularizer
+
+
+@dataclass
+class Artifact:
+    stage: str
+    key: str
+    path: Path
+
+    @property
+    def metrics(self) -> dict:
+        return json.loads((self.path / "metrics.json").read_text())
+
+    @property
+    def meta(self) -> dict:
+        return json.loads((self.path / "meta.json").read_text())
+
+    def load_phi(self) -> Regularizer:
+        """The learned prior of a meta stage (Eq. 10), phi frozen."""
+        if not (self.path / "phi.pt").is_file():
+            raise DataError(f"{self.path}: not a meta stage folder (no phi.pt)")
+        state = torch.load(self.path / "phi.pt", map_location="cpu", weights_only=True)
+        return Regularizer.from_phi_state(state).requires_grad_(False)
+
+    def load_model(self, device: torch.device | str = "cpu") -> models.PoseNet:
+        blob = torch.load(self.path / "model.pt", map_location=device, weights_only=True)
+        net = models.build(blob["arch"], blob["modality"])
+        net.load_state_dict(blob["state_dict"])
+        return net.to(device)
+
+
+def open_artifact(path: str | Path, cfg: Config | None = None, key: str = "inputs") -> Artifact:
+    """A finished stage folder given by path or URI (``inputs.teacher``, ``regularizer.prior``);
+    a URI is mirrored into ``{data.root}/artifacts`` first."""
+    if storage.is_uri(path):
+        root = Path(cfg.data.root if cfg else "data") / "artifacts"
+        path = storage.mirror(str(path), root, key, storage.COMMIT_FILE)
+    path = Path(path)
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: not a finished cmkg stage folder ({e})") from None
+    return Artifact(meta["stage"], meta["key"], path)
+
+
+@functools.cache
+def code_version() -> str:
+    """git commit of the working tree (``-dirty`` if modified), else the package version."""
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return rev + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return __version__
+
+
+class Store:
+    """Artifacts under ``root/{stage}/{key[:20]}``: a local folder, or a pyarrow filesystem URI
+    mirrored into the local ``cache`` (see ``cmkg.storage``). ``final`` is always the local
+    folder a stage publishes into and readers open."""
+
+    def __init__(self, root: str | Path, cache: str | Path | None = None,
+                 filesystem: pafs.FileSystem | None = None):
+        self.uri = str(root)
+        self.fs, self.base = None, None
+        if filesystem is not None:
+            self.fs, self.base = filesystem, str(root).rstrip("/")
+        elif storage.is_uri(root):
+            self.fs, self.base = storage.open_uri(str(root), "run.store")
+        if self.fs is None:
+            self.root = Path(root)
+        else:
+            default = Path("~/.cache/cmkg/store") / storage.short_hash(self.uri)
+            self.root = Path(cache or default).expanduser()
+
+    @classmethod
+    def of(cls, cfg: Config) -> Store:
+        return cls(cfg.run.store, cfg.run.cache)
+
+    @property
+    def remote(self) -> bool:
+        return self.fs is not None
+
+    def final(self, stage: str, key: str) -> Path:
+        return self.root / stage / key[:20]
+
+    def partial(self, stage: str, key: str) -> Path:
+        """The local folder of the stage while it trains (its checkpoint lives there)."""
+        final = self.final(stage, key)
+        return final.with_name(final.name + ".partial")
+
+    def location(self, stage: str, key: str) -> str:
+        """Where the artifact lives for users: the remote path, or the local folder."""
+        return f"{self.base}/{stage}/{key[:20]}" if self.remote else str(self.final(stage, key))
+
+    def describe(self, stage: str, key: str) -> str:
+        """The artifact's place for messages: ``scheme://path`` (no credentials) or a folder."""
+        if self.remote:
+            return f"{self.uri.split('://', 1)[0]}://{self.location(stage, key)}"
+        return str(self.final(stage, key))
+
+    def get(self, stage: str, key: str) -> Artifact | None:
+        path = self.final(stage, key)
+        if (path / storage.COMMIT_FILE).is_file():
+            self.commit(stage, key)  # a mirror whose upload was interrupted: finish it
+            return Artifact(stage, key, path)
+        if self.remote and storage.exists(self.fs, f"{self.location(stage, key)}/"
+                                                   f"{storage.COMMIT_FILE}"):
+            storage.download_dir(self.fs, self.location(stage, key), path)
+            return Artifact(stage, key, path)
+        return None
+
+    def commit(self, stage: str, key: str) -> None:
+        """Upload a published local artifact to a remote store (no-op for a local one)."""
+        if not self.remote:
+            return
+        where = self.location(stage, key)
+        if not storage.exists(self.fs, f"{where}/{storage.COMMIT_FILE}"):
+            storage.upload_dir(self.final(stage, key), self.fs, where)
+        if storage.exists(self.fs, f"{where}.partial"):  # the resumable checkpoint is spent
+            self.fs.delete_dir(f"{where}.partial")
+
+    def publish(self, stage: str, key: str) -> Artifact:
+        """Turn the stage's partial folder into its artifact by one rename (then upload it).
+        If another process published the same key first, theirs is kept."""
+        final, partial = self.final(stage, key), self.partial(stage, key)
+        (partial / "checkpoint.pt").unlink(missing_ok=True)
+        if final.exists():
+            shutil.rmtree(partial, ignore_errors=True)
+        else:
+            os.rename(partial, final)
+        self.commit(stage, key)
+        return Artifact(stage, key, final)
+
+    def drop_partial(self, stage: str, key: str) -> None:
+        """Remove the stage's partial folder, here and in a remote store: a run that diverged
+        or that a sweep stopped is nothing to resume."""
+        shutil.rmtree(self.partial(stage, key), ignore_errors=True)
+        if self.remote and storage.exists(self.fs, f"{self.location(stage, key)}.partial"):
+            self.fs.delete_dir(f"{self.location(stage, key)}.partial")
+
+    def push_checkpoint(self, stage: str, key: str, local: Path) -> None:
+        """Copy the in-process checkpoint to the remote store, so another machine can resume."""
+        if self.remote:
+            where = f"{self.location(stage, key)}.partial/{local.name}"
+            storage.upload_file(local, self.fs, where)
+
+    def pull_checkpoint(self, stage: str, key: str, local: Path) -> None:
+        """Fetch the remote checkpoint when this machine has none."""
+        remote = f"{self.location(stage, key)}.partial/{local.name}"
+        if self.remote and not local.is_file() and storage.exists(self.fs, remote):
+            with atomic_path(local) as tmp:
+                pafs.copy_files(remote, str(tmp), source_filesystem=self.fs,
+                                destination_filesystem=pafs.LocalFileSystem())
+
+    def ray_storage(self) -> tuple[str, pafs.FileSystem | None]:
+        """(storage_path, storage_filesystem) for Ray Train's checkpoints: ``{root}/_ray``."""
+        if self.remote:
+            return f"{self.base}/_ray", self.fs
+        return str(self.root.resolve() / "_ray"), None
+
+
+@contextlib.contextmanager
+def writer_lock(store: Store, stage: str, key: str):
+    """Exclusive right to train ``stage``/``key``: a POSIX lock (``lockf``) on
+    ``{store}/{stage}/{key}.lock`` beside the artifact. The kernel (or the NFS lock manager)
+    drops it when its owner dies, so a lock is never stale; the file names the owner for the
+    waiting side's message. With a remote store the lock lives in this machine's mirror and
+    excludes writers on this machine only (publishing stays safe: the first ``meta.json`` wins)."""
+    final = store.final(stage, key)
+    lock = final.with_name(final.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a+") as f:
+        try:
+            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            owner = f.read().strip() or "another process"
+            say(f"{stage}: {owner} is training {key[:20]}; waiting for it")
+            fcntl.lockf(f, fcntl.LOCK_EX)  # blocks until the owner publishes, fails or dies
+        f.seek(0)
+        f.truncate()
+        f.write(f"{socket.gethostname()} pid {os.getpid()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()
+            f.flush()
+            fcntl.lockf(f, fcntl.LOCK_UN)

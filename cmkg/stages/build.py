@@ -1,0 +1,238 @@
+"""Building a stage: its datasets, networks, objective and optimizers (Sect. 3, Algorithms 1-2).
+
+``build_stage`` is called the same way in this process and in every Ray Train worker; what
+differs there is passed in (the device, and ``wrap``: Ray Train's DDP ``prepare_model``). A
+synthetic dataset is rendered into ``data.root`` on first use (``ensure_dataset``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cmkg import diagnostics, models, parallel, regularizers, storage
+from cmkg.config import Config, DataSpec, digest
+from cmkg.console import say
+from cmkg.data import HandDataset, identity_collate, synth_source, synthesize
+from cmkg.data.dataset import prepare_batch
+from cmkg.errors import DataError, UserError
+from cmkg.meta import meta_iteration, phi_bounds
+from cmkg.regularizers import WEIGHTED, Regularizer
+from cmkg.stages.artifacts import Artifact
+from cmkg.stages.defs import DEFS, stage_datasets
+from cmkg.train import distillation_objective, regression_objective, regularized_objective
+
+
+def ensure_dataset(spec: DataSpec, cfg: Config) -> Path:
+    """The local folder of a dataset: a synthetic one is rendered into ``data.root`` on first
+    use, one given by URI is downloaded into ``{data.root}/remote`` on first use."""
+    if storage.is_uri(spec.path):
+        return storage.mirror(spec.path, Path(cfg.data.root) / "remote", "data path",
+                              "manifest.json")
+    if spec.path is not None:
+        return Path(spec.path)
+    source = synth_source(spec.domain, spec.num, spec.size, spec.seed, tuple(cfg.data.split))
+    name = f"{spec.domain}-{spec.size}px-n{spec.num}-seed{spec.seed}-{digest(source)[:10]}"
+    out = Path(cfg.data.root) / "synth" / name
+    synthesize(out, spec.domain, spec.num, spec.size, spec.seed, tuple(cfg.data.split))
+    return out
+
+
+@dataclass
+class StageRun:
+    """Everything ``fit()`` needs for one stage, built the same way in every worker."""
+
+    stage: str
+    model: torch.nn.Module  # the network evaluated and published
+    trainable: torch.nn.Module  # what the checkpoint holds (model + adapter + phi where used)
+    optimizers: list[torch.optim.Optimizer]
+    loss_fn: Callable | None  # batch -> parts, fit() steps the optimizer
+    update: Callable | None  # batch -> parts, applying its own updates (Algorithm 1)
+    train_set: HandDataset
+    val_set: HandDataset
+    test_set: HandDataset
+    train_roots: list[Path]
+    eval_root: Path
+    regularizer: Regularizer | None = None
+    wrapped: torch.nn.Module | None = None  # trainable as fit() drives it (DDP under Ray)
+    diagnose: Callable[[int], dict] | None = None  # total steps K -> an epoch's diagnostics
+    calibration: dict | None = None  # the calibrated prior's scale (target, calibrate_d set)
+
+
+def build_stage(stage: str, cfg: Config, spec: dict, upstream: dict[str, Artifact],
+                device: torch.device, wrap: Callable | None = None) -> StageRun:
+    """Datasets, networks, objective and optimizers of a stage (Sect. 3, Algorithms 1-2).
+
+    ``wrap`` (e.g. Ray Train's ``prepare_model``, i.e. DDP) wraps the trainable module of the
+    teacher, student, kd and target stages before their objectives are built on it; the meta
+    stage never takes it (Algorithm 1 averages its gradients by hand)."""
+    wrap = wrap or (lambda m: m)
+    run = _data(stage, cfg)
+    torch.manual_seed(cfg.run.seed)
+    run.model = run.trainable = models.build(spec["arch"], DEFS[stage].modality).to(device)
+    if stage in ("teacher", "student"):
+        run.wrapped = wrap(run.model)
+        run.loss_fn = regression_objective(run.wrapped, DEFS[stage].modality,
+                                           reduction=asdict(cfg.reduction))
+        run.optimizers = [_adam(cfg, run.model.parameters())]
+    elif stage == "kd":
+        _distillation(run, cfg, upstream, device, wrap)
+    elif stage == "meta":
+        _meta_learning(run, cfg, upstream, device)
+    else:
+        _target(run, cfg, spec, upstream, device, wrap)
+    if run.wrapped is None:
+        run.wrapped = run.trainable
+    return run
+
+
+def _adam(cfg: Config, params) -> torch.optim.Adam:
+    return torch.optim.Adam(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+
+
+def _data(stage: str, cfg: Config) -> StageRun:
+    """A StageRun holding the stage's datasets (networks and objective still to come): the
+    training split of every dataset the stage reads, the val and test splits of the first."""
+    d = DEFS[stage]
+    train_roots = [ensure_dataset(s, cfg) for s in stage_datasets(stage, cfg)]
+    eval_root = train_roots[0]
+    train_set = HandDataset(train_roots, "train", d.reads)
+    if len(train_set) < cfg.optim.batch_size:
+        raise DataError(f"{train_roots[0]}: {len(train_set)} training samples, fewer than one "
+                        f"batch (optim.batch_size={cfg.optim.batch_size})")
+    val_set = HandDataset(eval_root, "val", (d.modality,))
+    test_set = HandDataset(eval_root, "test", (d.modality,))
+    return StageRun(stage, None, None, [], None, None, train_set, val_set, test_set,
+                    train_roots, eval_root)
+
+
+def _warm_start(run: StageRun, upstream: dict[str, Artifact], device: torch.device):
+    """kd and meta: the student's weights, the frozen teacher and the activation adapter."""
+    run.model.load_state_dict(upstream["student"].load_model().state_dict())
+    teacher = upstream["teacher"].load_model(device).eval().requires_grad_(False)
+    adapter = models.activation_adapter(run.model, teacher).to(device)
+    return teacher, adapter
+
+
+def _distillation(run: StageRun, cfg: Config, upstream: dict[str, Artifact],
+                  device: torch.device, wrap: Callable) -> None:
+    """kd: the student fine-tuned with L_REG + L_ACT + lambda L_ATT against the teacher."""
+    teacher, adapter = _warm_start(run, upstream, device)
+    run.trainable = models.StudentWithAdapter(run.model, adapter)
+    run.optimizers = [_adam(cfg, run.trainable.parameters())]
+    run.wrapped = wrap(run.trainable)
+    kwargs = dict(**asdict(cfg.distill), reduction=asdict(cfg.reduction))
+    run.loss_fn = distillation_objective(run.wrapped, teacher, **kwargs)
+    run.diagnose = diagnostics.distill_diagnose(  # on the bare modules: no DDP collectives
+        distillation_objective(run.trainable, teacher, **kwargs),
+        diagnostics.fixed_batch(run.train_set, cfg.optim.batch_size, device), run.model,
+        cfg.distill.lambda_att)
+
+
+def _meta_learning(run: StageRun, cfg: Config, upstream: dict[str, Artifact],
+                   device: torch.device) -> None:
+    """meta (Algorithm 1): the student's distillation fine-tuning while phi is learned. No DDP:
+    gradients are averaged by hand (``parallel.mean_across``)."""
+    teacher, adapter = _warm_start(run, upstream, device)
+    model = run.model
+    run.trainable = torch.nn.ModuleDict({"student": model, "adapter": adapter})
+    run.optimizers = [_adam(cfg, run.trainable.parameters())]
+    r, m = cfg.regularizer, cfg.meta
+    if r.form not in WEIGHTED:
+        raise UserError(f"regularizer.form={r.form}: the meta stage learns phi of a "
+                        f"weighted form ({', '.join(WEIGHTED)})")
+    reg = regularizers.build(r.form, model, params=r.params, phi_param=r.phi_param,
+                             phi_init=r.phi_init).to(device)
+    run.regularizer = reg
+    run.trainable["phi"] = reg
+    phi_opt = (torch.optim.SGD(reg.parameters(), lr=m.beta) if m.phi_optimizer == "sgd"
+               else torch.optim.Adam(reg.parameters(), lr=m.beta))
+    run.optimizers.append(phi_opt)
+    clip = tuple(r.phi_clip) if r.phi_clip else phi_bounds(m.alpha)
+    run.update = lambda batch: meta_iteration(
+        model, adapter, teacher, reg, batch, run.optimizers[0], phi_opt, alpha=m.alpha,
+        steps=m.inner_steps, first_order=m.first_order, phi_clip=clip,
+        reduce=parallel.mean_across, **asdict(cfg.distill), reduction=asdict(cfg.reduction))
+    run.diagnose = diagnostics.meta_diagnose(
+        model, adapter, teacher,
+        diagnostics.fixed_batch(run.train_set, cfg.optim.batch_size, device),
+        **asdict(cfg.distill), reduction=asdict(cfg.reduction))
+
+
+def _target(run: StageRun, cfg: Config, spec: dict, upstream: dict[str, Artifact],
+            device: torch.device, wrap: Callable) -> None:
+    """target (Algorithm 2): a fresh student, F = L_REG + R(theta; phi_META)."""
+    r, model = cfg.regularizer, run.model
+    reg = (_learned_prior(upstream["meta"], cfg, spec, model) if r.form in WEIGHTED
+           else regularizers.build(r.form, model, params=r.params, sigma=r.sigma))
+    run.regularizer = reg = reg.to(device)
+    if r.form in WEIGHTED and r.calibrate_d is not None:
+        run.calibration = calibrate(run, cfg, spec, device)
+    run.wrapped = wrap(model)
+    run.loss_fn = regularized_objective(run.wrapped, reg, model, reduction=asdict(cfg.reduction))
+    run.optimizers = [_adam(cfg, model.parameters())]
+    run.diagnose = diagnostics.target_diagnose(  # on the bare model: no DDP collectives
+        regularized_objective(model, reg, reduction=asdict(cfg.reduction)),
+        diagnostics.fixed_batch(run.train_set, cfg.optim.batch_size, device), model, reg,
+        run.optimizers[0])
+
+
+def _learned_prior(meta: Artifact, cfg: Config, spec: dict, model) -> Regularizer:
+    """phi_META of the meta stage, checked against the target's form and network."""
+    r = cfg.regularizer
+    reg = meta.load_phi()
+    if reg.form != r.form:
+        raise UserError(f"regularizer.form={r.form} but the prior {meta.path} holds {reg.form}")
+    named = dict(model.named_parameters())
+    wanted = regularizers.regularised_names(model, r.params)
+    held = dict(zip(reg.names, (t.shape for t in reg.raw)))
+    bad = sorted(set(wanted) ^ set(held)) or [n for n in wanted if held[n] != named[n].shape]
+    if bad:
+        raise UserError(f"regularizer.prior {meta.path}: phi does not fit the {spec['arch']} "
+                        f"student (first mismatch: {bad[0]})")
+    return reg
+
+
+def calibrate(run: StageRun, cfg: Config, spec: dict, device: torch.device) -> dict:
+    """The calibrated prior (``regularizer.calibrate_d``): scale phi_META of the target stage so
+    that its median |D| at the fresh student's weights is the set value (``diagnostics.
+    calibrate_prior``), with s from a fixed draw of training batches and K = epochs x steps of a
+    one-process run. Deterministic, draws nothing from torch's generators, so every data-parallel
+    worker computes the same phi."""
+    r, bs = cfg.regularizer, cfg.optim.batch_size
+    n = min(diagnostics.CALIBRATION_BATCHES, len(run.train_set) // bs)
+    order = np.random.default_rng(cfg.run.seed).permutation(len(run.train_set))
+    batches = [prepare_batch(run.train_set.__getitems__(np.sort(order[i * bs:(i + 1) * bs])),
+                             device) for i in range(n)]
+    total_steps = spec["epochs"] * (len(run.train_set) // bs)
+    info = diagnostics.calibrate_prior(
+        run.regularizer, run.model, batches, lr=cfg.optim.lr, total_steps=total_steps,
+        d_target=r.calibrate_d, d_cap=r.d_cap, reduction=cfg.reduction.reg)
+    m = cfg.meta
+    if r.phi_param == "free" and r.phi_init == 0 and m.phi_optimizer == "sgd":
+        info["beta_equivalent"] = m.beta * info["scale"]  # Algorithm 1's beta, to first order
+    reached = "" if info["d_median"] > 0.99 * r.calibrate_d else (
+        f" (set {r.calibrate_d:g}: beyond what Adam's normalisation allows at this lr x steps)")
+    say(f"target: calibrated prior: phi_META x {info['scale']:.3g} -> median |D| "
+        f"{info['d_median']:.3g}{reached} (was {info['d_median_before']:.3g}), "
+        f"{100 * info['fraction_capped']:.1f} % of weights capped at |D| = {r.d_cap}")
+    return info
+
+
+def make_loaders(run: StageRun, cfg: Config, device: torch.device, gen: torch.Generator):
+    """Train (shuffled with ``gen``), val and test loaders of a built stage."""
+    return (_loader(run.train_set, cfg.optim.batch_size, True, cfg, device, gen),
+            _loader(run.val_set, 256, False, cfg, device),
+            _loader(run.test_set, 256, False, cfg, device))
+
+
+def _loader(ds, batch_size: int, shuffle: bool, cfg: Config, device: torch.device,
+            gen: torch.Generator | None = None):
+    return torch.utils.data.DataLoader(
+        ds, batch_size=batch_size, shuffle=shuffle, drop_last=shuffle, generator=gen,
+        collate_fn=identity_collate, num_workers=cfg.run.loader_workers,
+        persistent_workers=cfg.run.loader_workers > 0, pin_memory=device.type == "cuda")

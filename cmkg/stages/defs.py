@@ -1,0 +1,71 @@
+"""What each stage is, in one table: the network it trains, what that network sees, which data
+it reads and which stages it needs first.
+
+    stage     paper                       network  input        data     needs
+    teacher   Sect. 3, depth regressor    teacher  depth        source   -
+    student   Sect. 3, RGB regressor      student  rgb          source   -
+    kd        Sect. 3, L_REG + L_DIST     student  rgb + depth  source   teacher, student
+    meta      Algorithm 1 (learns phi)    student  rgb + depth  source   teacher, student
+    target    Algorithm 2 (F = L_REG + R) student  rgb          target   meta, for a weighted R
+
+kd and meta fine-tune the student against the frozen teacher, so they read paired RGB and depth;
+the target stage trains a fresh student on a set without depth. Everything that branches on a
+stage (its key, its datasets, the checks before Ray starts, the work estimate) reads this table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from cmkg.config import STAGES
+from cmkg.regularizers import WEIGHTED  # the forms of Eq. (10): they need phi_META
+
+if TYPE_CHECKING:
+    from cmkg.config import Config, DataSpec
+
+
+@dataclass(frozen=True)
+class StageDef:
+    name: str
+    network: str  # the config entry naming its backbone: model.teacher or model.student
+    modality: str  # what the trained (and evaluated) network sees: "depth" | "rgb"
+    data: str  # "source" (+ data.augment when set) or "target"
+    paired: bool  # trains on paired RGB and depth against the frozen teacher (L_DIST)
+    inputs: tuple[str, ...] = ()  # upstream stages it always needs
+    prior: bool = False  # needs the meta stage's phi when the regularizer is a weighted form
+
+    @property
+    def reads(self) -> tuple[str, ...]:
+        """The modalities its training split must hold."""
+        return ("rgb", "depth") if self.paired else (self.modality,)
+
+
+DEFS: dict[str, StageDef] = {
+    "teacher": StageDef("teacher", "teacher", "depth", "source", False),
+    "student": StageDef("student", "student", "rgb", "source", False),
+    "kd": StageDef("kd", "student", "rgb", "source", True, ("teacher", "student")),
+    "meta": StageDef("meta", "student", "rgb", "source", True, ("teacher", "student")),
+    "target": StageDef("target", "student", "rgb", "target", False, prior=True),
+}
+assert tuple(DEFS) == STAGES, "cmkg.config.STAGES and the stage table disagree"
+MODALITY = {name: d.modality for name, d in DEFS.items()}
+
+
+def depends(stage: str, cfg: Config) -> tuple[str, ...]:
+    """Upstream stages of ``stage`` under ``cfg``."""
+    d = DEFS[stage]
+    weighted = d.prior and cfg.regularizer.form in WEIGHTED
+    return d.inputs + (("meta",) if weighted else ())
+
+
+def stage_datasets(stage: str, cfg: Config) -> list[DataSpec]:
+    """The datasets a stage trains on, the evaluation set (val and test splits) first."""
+    if DEFS[stage].data == "target":
+        return [cfg.data.target]
+    return [cfg.data.source] + ([cfg.data.augment] if cfg.data.augment else [])
+
+
+def stage_arch(stage: str, cfg: Config) -> str:
+    """The backbone a stage trains."""
+    return getattr(cfg.model, DEFS[stage].network)

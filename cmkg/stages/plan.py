@@ -1,0 +1,129 @@
+"""Stage keys and the plan: which stages a run needs, each named by the hash of what decides
+its result.
+
+``key`` is the sha256 of the stage's *spec*: only the config entries that change its result
+(data, backbone, optimiser, epochs, seed, the keys of its inputs). Re-running an identical stage
+is a cache hit, and stages that differ only downstream share their inputs (Table 2's rows share
+one teacher and one phi). ``plan`` is the only walk of the stage graph; a planned ``Node``
+carries its config, spec and inputs, and is what every executor runs (in this process, in a
+Ray task, under Ray Train) without planning again.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+from cmkg import storage
+from cmkg.config import Config, DataSpec, digest
+from cmkg.data import read_manifest, synth_source
+from cmkg.errors import DataError, UserError
+from cmkg.losses import DEFAULT_REDUCTION
+from cmkg.regularizers import WEIGHTED
+from cmkg.stages.artifacts import Artifact, open_artifact
+from cmkg.stages.defs import DEFS, STAGES, depends, stage_arch, stage_datasets
+
+STAGE_VERSION = 2  # bump when a stage's meaning changes, to invalidate cached artifacts
+# 2: run.eval_every in the key (it decides which epoch's weights are kept)
+
+
+def dataset_identity(spec: DataSpec, cfg: Config) -> dict:
+    """What a stage key records of a dataset: the generator config (content address of a
+    synthetic set, known before rendering) or the fingerprint of a shard folder."""
+    if storage.is_uri(spec.path):  # read the remote manifest only; the shards come later
+        fs, path = storage.open_uri(spec.path, "data path")
+        try:
+            manifest = json.loads(storage.read_bytes(fs, f"{path}/manifest.json"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise DataError(f"{spec.path}: not a readable cmkg dataset ({e})") from None
+        return {"fingerprint": manifest["fingerprint"]}
+    if spec.path is not None:
+        return {"fingerprint": read_manifest(spec.path)["fingerprint"]}
+    return synth_source(spec.domain, spec.num, spec.size, spec.seed, tuple(cfg.data.split))
+
+
+def stage_spec(stage: str, cfg: Config, inputs: dict[str, str]) -> dict:
+    """The config entries that determine a stage's result, plus its input artifact keys."""
+    d = DEFS[stage]
+    specs = stage_datasets(stage, cfg)
+    data = {"train": [dataset_identity(s, cfg) for s in specs],
+            "eval": dataset_identity(specs[0], cfg)}
+    spec = {"stage": stage, "version": STAGE_VERSION, "data": data, "arch": stage_arch(stage, cfg),
+            "modality": d.modality, "optim": asdict(cfg.optim),
+            "epochs": getattr(cfg.epochs, stage), "eval_every": cfg.run.eval_every,
+            "seed": cfg.run.seed, "inputs": inputs}
+    r = cfg.regularizer
+    if d.paired:
+        spec["distill"] = asdict(cfg.distill)
+    if stage == "meta":
+        spec["meta"] = asdict(cfg.meta)
+        spec["regularizer"] = {"form": r.form, "params": r.params, "phi_param": r.phi_param,
+                               "phi_init": r.phi_init, "phi_clip": r.phi_clip}
+    if d.prior:
+        spec["regularizer"] = {"form": r.form, "params": r.params}
+        if r.form in ("l1", "l2"):
+            spec["regularizer"]["sigma"] = r.sigma
+        if r.form in WEIGHTED and r.calibrate_d is not None:  # absent: keys stay as before
+            spec["regularizer"].update(calibrate_d=r.calibrate_d, d_cap=r.d_cap)
+    # the loss reductions of the terms a stage uses enter its key only where they differ from
+    # the defaults: the defaults are the behaviour from before reductions were a choice, so the
+    # keys (and cached artifacts) of default runs stay what they were
+    terms = ("reg", "act", "att") if d.paired else ("reg",)
+    reduction = {t: getattr(cfg.reduction, t) for t in terms}
+    if any(reduction[t] != DEFAULT_REDUCTION[t] for t in terms):
+        spec["reduction"] = reduction
+    return spec
+
+
+def _explicit_input(dep: str, cfg: Config) -> str | None:
+    return cfg.regularizer.prior if dep == "meta" else getattr(cfg.inputs, dep)
+
+
+@dataclass
+class Node:
+    """One step of a plan: a stage, its key and spec, the config it runs with, and its inputs
+    (upstream stage -> key; ``given`` holds the inputs named explicitly by path)."""
+
+    stage: str
+    key: str
+    spec: dict
+    cfg: Config
+    inputs: dict[str, str]
+    given: dict[str, Artifact]
+
+    @property
+    def id(self) -> tuple[str, str]:
+        return self.stage, self.key
+
+
+def plan(stage: str, cfg: Config) -> list[Node]:
+    """The unique nodes ``stage`` needs, upstream first, ``stage`` last (each (stage, key) once).
+
+    This is the only walk of the stage graph: single-stage runs (``run_stage``), Ray Train runs,
+    sweeps and the ablation runner (which unions the plans of its cells) all use it. Explicit
+    inputs (``inputs.teacher``, ``inputs.student``, ``regularizer.prior``) end the walk."""
+    if stage not in STAGES:
+        raise UserError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+    nodes: list[Node] = []
+    keys: dict[str, str] = {}
+    given: dict[str, Artifact] = {}
+    for dep in depends(stage, cfg):
+        explicit = _explicit_input(dep, cfg)
+        if explicit:
+            role = "regularizer.prior" if dep == "meta" else f"inputs.{dep}"
+            given[dep] = open_artifact(explicit, cfg, role)
+            keys[dep] = given[dep].key
+            continue
+        sub = plan(dep, cfg)
+        nodes += [n for n in sub if n.id not in {m.id for m in nodes}]
+        keys[dep] = sub[-1].key
+    spec = stage_spec(stage, cfg, keys)
+    nodes.append(Node(stage, digest(spec), spec, cfg, keys, given))
+    return nodes
+
+
+def stage_key(stage: str, cfg: Config) -> tuple[str, dict, dict[str, Artifact | None]]:
+    """(key, spec, inputs) of a stage; inputs are explicit artifacts or None where the upstream
+    stage is found (or trained) by its own key. A view of the last node of ``plan``."""
+    node = plan(stage, cfg)[-1]
+    return node.key, node.spec, {d: node.given.get(d) for d in node.inputs}
