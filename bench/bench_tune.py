@@ -29,8 +29,9 @@ import time
 from pathlib import Path
 
 from cmkg import config, stages
-from cmkg.cluster.train import init_ray
-from cmkg.cluster.tune import load_space, run_tune, trial_config
+from cmkg.cluster.connect import init_ray
+from cmkg.cluster.spaces import load_space, trial_config
+from cmkg.cluster.tune import run_tune
 
 PARTS = ("overhead", "asha", "concurrent")
 SPACE = ("sampler: random\nseed: 1\nparams:\n  regularizer.form: {choice: [none, l2]}\n"
@@ -90,7 +91,7 @@ def asha(tmp: Path, base: list[str], trials: int, epochs: int) -> list[str]:
 
     init_ray(None)
     space = tmp / "asha.yaml"
-    space.write_text(f"stage: target\ntrials: {trials}\ncpus_per_trial: 1\nsampler: random\n"
+    space.write_text(f"stage: target\ntrials: {trials}\ncpus_per_worker: 1\nsampler: random\n"
                      "seed: 0\n"
                      f"set: [regularizer.form=none, epochs.target={epochs}]\n"
                      "scheduler: {asha: {grace_period: 1, reduction_factor: 2}}\n"
@@ -126,7 +127,7 @@ def concurrent(tmp: Path, base: list[str]) -> list[str]:
     try:
         for n in (2, 1):  # concurrent first: warm-up, if any, favours the trials in a row
             space = tmp / f"concurrent{n}.yaml"
-            space.write_text(f"stage: target\ntrials: 2\nconcurrency: {n}\ncpus_per_trial: 1\n"
+            space.write_text(f"stage: target\ntrials: 2\nconcurrency: {n}\ncpus_per_worker: 1\n"
                              f"{SPACE}")
             walls[n] = timed(run_tune, str(space), "smoke",
                              base + [f"run.store={tmp}/concurrent{n}"],
@@ -135,7 +136,7 @@ def concurrent(tmp: Path, base: list[str]) -> list[str]:
     finally:
         ray.shutdown()
         cluster.shutdown()
-    lines = [f"concurrent: 2 target trials, cpus_per_trial 1, on 2 one-CPU worker nodes "
+    lines = [f"concurrent: 2 target trials, cpus_per_worker 1, on 2 one-CPU worker nodes "
              f"(head 0 CPUs; cluster start {start:.1f}s, not counted)",
              f"  {'path':36s} {'wall s':>7s} {'ratio':>6s} {'overhead/trial s':>17s}",
              f"  {'in-process, in a row, 1 thread':36s} {plain:7.1f} {plain / walls[1]:6.2f} "

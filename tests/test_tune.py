@@ -1,6 +1,9 @@
-"""Sweeps: search-space files, Optuna's define-by-run sampling, and `cmkg tune` end to end on a
-Ray started by the test (Ray Tune trials, Optuna study in SQLite, resume, best.yaml)."""
+"""Sweeps: search-space files, Optuna's define-by-run sampling, a trial's config, the sweep
+modules' import graph, and `cmkg tune` end to end on a Ray started by the test (Ray Tune
+trials, Optuna study in SQLite, resume, best.yaml)."""
 
+import ast
+import copy
 import json
 import shlex
 import sqlite3
@@ -11,10 +14,11 @@ import pytest
 import yaml
 
 from cmkg import cli
-from cmkg.cluster.tune import load_space
+from cmkg.cluster.spaces import apply_params, load_space, trial_config
 from cmkg.config import ConfigError
 
-SPACES = Path(__file__).resolve().parents[1] / "tune_spaces"
+ROOT = Path(__file__).resolve().parents[1]
+SPACES = ROOT / "tune_spaces"
 
 
 def _space(tmp_path, text: str) -> Path:
@@ -55,6 +59,132 @@ params:
     with pytest.raises(ConfigError) as e:
         load_space(path, "smoke")
     assert "params.meta.betta" in str(e.value) and "params.regularizer.form='nonsense'" in str(e.value)
+
+
+def test_renamed_and_misspelt_keys_say_what_to_write(tmp_path):
+    path = _space(tmp_path, """
+stage: target
+cpus_per_trial: 2
+gpus_per_trial: 1
+concurency: 2
+params:
+  optim.lr: {float: [1.0e-4, 1.0e-2], log: true}
+""")
+    with pytest.raises(ConfigError) as e:
+        load_space(path, "smoke")
+    text = str(e.value)
+    assert "cpus_per_trial: renamed; write cpus_per_worker" in text
+    assert "gpus_per_trial: renamed; write gpus_per_worker" in text
+    assert "concurency: unknown key (did you mean 'concurrency'?)" in text
+
+
+def test_command_line_resources_override_the_space_and_do_not_name_the_sweep(tmp_path):
+    space = load_space(SPACES / "smoke.yaml", "smoke")
+    assert (space.cpus_per_worker, space.gpus_per_worker, space.cli) == (1, 0.0, {})
+    space = load_space(SPACES / "smoke.yaml", "smoke", cpus_per_worker=2, gpus_per_worker=0.5)
+    assert (space.cpus_per_worker, space.gpus_per_worker, space.cli) == (2, 0.5, {})
+    space = load_space(SPACES / "smoke.yaml", "smoke", trials=5)
+    assert space.trials == 5 and space.cli == {"trials": 5}  # a budget names a sweep of its own
+    with pytest.raises(ConfigError) as e:
+        load_space(SPACES / "smoke.yaml", "smoke", cpus_per_worker=-1, gpus_per_worker=-1)
+    assert "cpus_per_worker (--cpus-per-worker): must be an integer >= 0" in str(e.value)
+    assert "gpus_per_worker (--gpus-per-worker): must be a number >= 0" in str(e.value)
+
+
+def test_trial_config_sets_the_sampled_keys_on_the_base_dict(monkeypatch):
+    from cmkg import config
+
+    base = config.load("smoke").to_dict()
+    kept = copy.deepcopy(base)
+    built = []
+    from_dict = config.from_dict
+    monkeypatch.setattr(config, "from_dict", lambda d, s="": built.append(s) or from_dict(d, s))
+    cfg = trial_config(base, {"optim.lr": 3e-3, "distill.losses": ["act"],
+                              "data.augment.num": 100, "data.augment.size": 48}, "space.yaml")
+    assert built == ["space.yaml"] and base == kept  # one from_dict; the base is not touched
+    assert cfg.optim.lr == 3e-3 and cfg.distill.losses == ["act"] and cfg.data.augment.num == 100
+    with pytest.raises(ConfigError, match="optim.lr.x: lr is not a config section"):
+        apply_params(base, {"optim.lr.x": 1}, "space.yaml")
+
+
+def test_a_trial_builds_its_config_once_and_a_stopped_one_drops_its_checkpoint(
+        monkeypatch, tmp_path, capsys):
+    """The trial function without Ray: its config is the base dict with the sampled (decoded)
+    parameters, its threads and no progress bar, built by one from_dict; when Tune stops it
+    inside an epoch report, the stage's partial folder goes and the stop goes on."""
+    from types import SimpleNamespace
+
+    from ray import tune
+
+    from cmkg import config, stages
+    from cmkg.cluster import tune as sweep
+
+    base = config.load("smoke", [f"run.store={tmp_path / 'runs'}"]).to_dict()
+    kept = copy.deepcopy(base)
+    built, seen, reports = [], [], []
+    from_dict = config.from_dict
+    monkeypatch.setattr(config, "from_dict", lambda d, s="": built.append(s) or from_dict(d, s))
+    monkeypatch.setattr(stages, "plan", lambda stage, cfg: [SimpleNamespace(key="k" * 40)])
+    store = stages.Store.of(config.from_dict(base))
+    store.partial("target", "k" * 40).mkdir(parents=True)
+
+    def run_stage(stage, cfg, on_epoch):
+        seen.append(cfg)
+        on_epoch(1, {"epoch": 1, "val": {"epe_mm": 9.0, "auc_20_50": 0.5}})
+
+    def report(metrics):
+        reports.append(metrics)
+        raise SystemExit(0)  # what Ray's session does in a trial Tune stops
+
+    monkeypatch.setattr(stages, "run_stage", run_stage)
+    monkeypatch.setattr(tune, "report", report)
+    built.clear()
+    with pytest.raises(SystemExit):
+        sweep._trial({"optim": {"lr": 3e-3}, "distill": {"losses": '["act"]'}}, base=base,
+                     stage="target", threads=1, source="space.yaml",
+                     decode={"distill.losses": {'["act"]': ["act"]}})
+    (cfg,) = seen
+    assert built == ["space.yaml"] and base == kept
+    assert (cfg.optim.lr, cfg.distill.losses, cfg.run.threads, cfg.run.progress) == (
+        3e-3, ["act"], 1, "none")
+    assert reports == [{"val_epe_mm": 9.0, "val_auc_20_50": 0.5, "epoch": 1}]
+    assert not store.partial("target", "k" * 40).exists()
+    assert "the sweep stopped this trial after epoch 1; removed its checkpoint" in (
+        capsys.readouterr().err)
+
+
+def _cluster_imports() -> dict[str, set[str]]:
+    """cmkg.cluster module -> the cmkg.cluster modules it imports (anywhere in it)."""
+    folder = ROOT / "cmkg" / "cluster"
+    mods = {p.stem for p in folder.glob("*.py")} - {"__init__"}
+    graph = {}
+    for m in mods:
+        names = []
+        for node in ast.walk(ast.parse((folder / f"{m}.py").read_text())):
+            if isinstance(node, ast.Import):
+                names += [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names += [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+        graph[m] = {n.split(".")[2] for n in names
+                    if n.startswith("cmkg.cluster.") and n.split(".")[2] in mods} - {m}
+    return graph
+
+
+def test_no_import_cycle_in_cmkg_cluster():
+    graph = _cluster_imports()
+    done: set[str] = set()
+
+    def visit(m, path):
+        for d in sorted(graph[m]):
+            assert d not in path, f"import cycle: {' -> '.join([*path[path.index(d):], d])}"
+            if d not in done:
+                visit(d, [*path, d])
+        done.add(m)
+
+    for m in sorted(graph):
+        visit(m, [m])
+    # the space format and the results need neither Ray nor Ray's adapter
+    assert not graph["spaces"] and graph["tune_results"] == {"spaces"}
 
 
 def test_define_by_run_samples_conditional_parameters():

@@ -1,5 +1,5 @@
 """Concurrent sweep trials on a real multi-node Ray cluster on this machine: a head without CPUs
-and two 1-CPU worker nodes; `concurrency: 2`, `cpus_per_trial: 1`. Both trials need the same
+and two 1-CPU worker nodes; `concurrency: 2`, `cpus_per_worker: 1`. Both trials need the same
 missing upstream stages (teacher, student, meta: the target stage's weighted-l2 prior); the
 stage writer lock (``stages.run_node``) lets one trial train each of them while the other waits
 and takes the cache hit, so each shared stage is trained exactly once, and both trials finish.
@@ -25,7 +25,7 @@ SPACE = """stage: target
 metric: val_epe_mm
 trials: 2
 concurrency: 2
-cpus_per_trial: 1
+cpus_per_worker: 1
 sampler: random
 seed: 0             # samples 3 target epochs, then 2: two target keys over one prior
 set: [regularizer.form=weighted_l2, epochs.teacher=1, epochs.student=1, epochs.meta=1]
@@ -38,9 +38,9 @@ TINY = ["data.source.num=240", "data.target.num=120", "optim.batch_size=16",
 
 def test_two_concurrent_trials_on_two_nodes_share_upstream_stages(tmp_path):
     ray = pytest.importorskip("ray")
-    from ray._private.state import available_resources_per_node
     from ray.cluster_utils import Cluster
 
+    from cmkg.cluster.ray_compat import free_resources_per_node
     from cmkg.cluster.tune import run_tune
 
     space = tmp_path / "space.yaml"
@@ -61,7 +61,7 @@ def test_two_concurrent_trials_on_two_nodes_share_upstream_stages(tmp_path):
 
     def watch():  # both worker nodes with their one CPU taken at the same moment
         while not stop.is_set():
-            free = available_resources_per_node()
+            free = free_resources_per_node()
             if all(free.get(n.node_id, {}).get("CPU", 0) < 1 for n in workers):
                 busy_at_once.append(time.time())
             time.sleep(0.2)

@@ -14,12 +14,13 @@ import torch
 import yaml
 
 from cmkg import cli, config, stages
-from cmkg.cluster.tune import PLOTS, trial_config
+from cmkg.cluster.spaces import trial_config
+from cmkg.cluster.tune_results import PLOTS, write_results
 
 SPACES = Path(__file__).resolve().parents[1] / "tune_spaces"
 LR_SPACE = """stage: target
 trials: 5
-cpus_per_trial: 1
+cpus_per_worker: 1
 sampler: random
 seed: 11            # lr 1e-3 first, then 1e-2 (diverges in epoch 1)
 set: [regularizer.form=none, epochs.target=3]
@@ -70,7 +71,8 @@ def test_on_epoch_reports_the_requested_stage_and_a_stopped_stage_resumes_exactl
     with pytest.raises(_Stop):
         stages.run_stage("kd", cfg, on_epoch=stop_after_one)
     assert seen == [1]  # kd's first epoch only: not the teacher's or the student's
-    final, partial = stages.partial_dir(stages.Store.of(cfg), "kd", stages.plan("kd", cfg)[-1].key)
+    store, key = stages.Store.of(cfg), stages.plan("kd", cfg)[-1].key
+    final, partial = store.final("kd", key), store.partial("kd", key)
     assert not (final / "meta.json").exists() and (partial / "checkpoint.pt").is_file()
     # an uninterrupted kd over the same teacher and student, in a second store
     shutil.copytree(tmp_path / "a", tmp_path / "b", ignore=shutil.ignore_patterns("*.partial"))
@@ -111,7 +113,7 @@ def test_asha_stops_diverging_trials_pruned_and_unpublished(local_ray, data_root
     store = stages.Store.of(base)
     for t in trials:
         key = stages.plan("target", trial_config(base, t.params, "test"))[-1].key
-        final, partial = stages.partial_dir(store, "target", key)
+        final, partial = store.final("target", key), store.partial("target", key)
         assert (final / "meta.json").is_file() == (t.state.name == "COMPLETE")
         assert not partial.exists()  # a stopped trial leaves nothing to resume
     assert Path(trials[0].user_attrs["artifact"], "meta.json").is_file()
@@ -196,8 +198,6 @@ def test_trials_table_and_plots_from_a_study(tmp_path):
     """The table and plots come from the study alone: recorded metrics where the sweep left
     them, else the study's own data; importances once two trials finished over two parameters;
     a plot the study cannot have yet is removed rather than left stale."""
-    from cmkg.cluster.tune import write_results
-
     study = optuna.create_study(study_name="s")
     study.set_user_attr("metric", "val_epe_mm")
     for i, (lr, cap) in enumerate([(1e-3, 3), (1e-2, "auto"), (3e-3, 10)]):

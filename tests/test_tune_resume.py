@@ -26,7 +26,7 @@ def _states(db) -> list[str]:
 
 def test_an_interrupted_sweep_resumes(tmp_path):
     space = tmp_path / "space.yaml"
-    space.write_text("stage: target\ntrials: 4\ncpus_per_trial: 1\nsampler: random\nseed: 3\n"
+    space.write_text("stage: target\ntrials: 4\ncpus_per_worker: 1\nsampler: random\nseed: 3\n"
                      "params:\n"
                      "  regularizer.form: {choice: [none, l2]}\n"
                      "  regularizer.sigma: {float: [1.0e-6, 1.0e-2], log: true, "
