@@ -1,7 +1,7 @@
 """Ablation runner overhead: total wall time vs the training time of its stages.
 
 Runs one ablation (default Table 2 at the smoke preset, 1 seed) into a fresh store twice: with
-one task at a time (``--cpus-per-task`` = all cores) and with one task per core. For each run it
+one task at a time (``cpus_per_worker`` = all cores) and with one task per core. For each run it
 prints the wall time, the sum of the stages' own training times (``meta.json`` duration, which
 includes loading data and evaluating) and
 
@@ -15,7 +15,6 @@ and scheduling rather than training. ``--all`` times the three tables (what ``ma
 
 import argparse
 import contextlib
-import functools
 import io
 import json
 import os
@@ -23,8 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cmkg import ablation
-from cmkg.cluster.ablate import execute
+from cmkg import ablation, stages
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,14 +35,14 @@ def one(files, preset, cpus, tasks, tmp):
     # render the data first, so the timed run is training and scheduling only
     cells = [c for f in files for c in ablation.expand(ablation.load(f), preset, sets, 1)]
     for n in ablation.union(cells):
-        for spec in ablation.stages.stage_datasets(n.stage, n.cfg):
-            ablation.stages.ensure_dataset(spec, n.cfg)
+        for spec in stages.stage_datasets(n.stage, n.cfg):
+            stages.ensure_dataset(spec, n.cfg)
     t0 = time.time()
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     t_init = time.time() - t0
     with contextlib.redirect_stdout(io.StringIO()):  # the tables; progress stays on stderr
         rc = ablation.run(files, preset, sets, seeds=1, report_dir=Path(tmp) / f"rep-{tasks}",
-                          execute=functools.partial(execute, cpus=cpus // tasks))
+                          cpus_per_worker=cpus // tasks)
     wall = time.time() - t0
     ray.shutdown()
     stage_s = sum(json.loads(p.read_text())["duration_s"] for p in store.glob("*/*/meta.json"))

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cmkg import ablation, cli
-from cmkg.errors import ConfigError
+from cmkg import ablation, cli, report, stages
+from cmkg.errors import ConfigError, UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 ABLATIONS = sorted((ROOT / "ablations").glob("table*.yaml"))
@@ -68,6 +68,34 @@ def test_comparisons_and_paper_deltas():
     assert all(c["paper_delta"] is None for c in t1.comparisons if c["b"][1] == "rgb_long")
 
 
+def test_figures_are_data_of_the_ablation_files():
+    """What Figures 4-5 draw is in the ablation files, checked, and stored in the table spec."""
+    t1, t2, t3 = (ablation.load(p) for p in ABLATIONS)
+    pair = t1.figures["figure4"]["pck_pair"]
+    assert pair == {"row": "L_ACT + L_ATT", "columns": ["rgb", "kd"], "dataset": "source",
+                    "paper_delta_auc": 0.045}
+    assert set(t2.figures) == {"figure4", "figure5"} and t3.figures == {}
+    assert ablation.table_spec(t2, "cpu", [0])["figures"] == t2.figures
+    assert "figures" not in ablation.table_spec(t3, "cpu", [0])
+
+
+def test_refresh_figures_is_the_migration_of_the_committed_records(tmp_path):
+    """The committed table1 records with their spec as it was before figures lived in the
+    ablation files (figure4_paper_delta_auc, no figures): refreshing gives back the committed
+    file byte for byte."""
+    from cmkg import report
+
+    committed = ROOT / "reports" / "results" / "table1.parquet"
+    old = tmp_path / "table1.parquet"
+    old.write_bytes(committed.read_bytes())
+    spec = report.read_spec(old)
+    report.replace_spec(old, {**{k: v for k, v in spec.items() if k != "figures"},
+                              "figure4_paper_delta_auc": 0.045})
+    assert old.read_bytes() != committed.read_bytes()
+    assert ablation.refresh_figures(old) == spec
+    assert old.read_bytes() == committed.read_bytes()
+
+
 def _write(tmp_path, data, name="bad.yaml"):
     path = tmp_path / name
     path.write_text(yaml.safe_dump(data, sort_keys=False))
@@ -88,13 +116,19 @@ GOOD = {"table": "tableX", "columns": {"t": {"stage": "target"}},
     ({"columns": {"t": {"stage": "tarket"}}}, "columns.t.stage: must be one of"),
     ({"rows": [{"label": "none", "paper": {"x": 1.0}}]}, "rows[0].paper.x: not a column"),
     ({"scale": {"laptop": {}}}, "scale.laptop: not a preset"),
+    ({"figure4_paper_delta_auc": 0.045}, "figure4_paper_delta_auc: unknown key"),
+    ({"figures": {"figure5": {"parameters": {"without": "none", "with": ["weighted"]}}}},
+     "figures.figure5.parameters.with: must be a non-empty list of row labels"),
+    ({"figures": {"figure4": {"pck_pair": {"row": "none", "columns": ["t", "x"],
+                                           "dataset": "target", "paper_delta_auc": "big"}}}},
+     "figures.figure4.pck_pair.paper_delta_auc: must be a number"),
 ])
 def test_bad_ablation_file_one_message_exit_2(tmp_path, capsys, change, expected):
     path = _write(tmp_path, {**GOOD, **change})
     with pytest.raises(ConfigError) as e:
         ablation.expand(ablation.load(path), "smoke", [f"data.root={tmp_path}"])
     assert expected in str(e.value) and str(path) in str(e.value)
-    assert cli.main(["ablate", str(path), "--config", "smoke", "--out", str(tmp_path / "r"),
+    assert cli.main(["ablate", str(path), "--config", "smoke", "--store", str(tmp_path / "r"),
                      "--report", str(tmp_path / "rep")]) == 2
     err = capsys.readouterr().err
     assert err.count("cmkg: error:") == 1 and expected in err and "Traceback" not in err
@@ -114,6 +148,72 @@ def _tiny_table(tmp_path, rows):
         "rows": rows}, "table2.yaml")
 
 
+def _existing_records(rep, preset, seeds):
+    """A records file of table2 as another run left it (one row, no cell)."""
+    spec = {"table": "table2", "columns": [{"name": "target", "metrics": ["epe_mm"]}],
+            "rows": [{"label": "none", "paper": {}}], "seeds": seeds, "preset": preset}
+    return report.write_records(rep / "results" / "table2.parquet", spec, [])
+
+
+def _no_training(monkeypatch):
+    """An executor that trains nothing (every stage fails at once) and no data rendering."""
+    calls = []
+
+    def execute(nodes, on_done, **kwargs):
+        calls.append((len(nodes), kwargs))
+        for node in nodes:
+            on_done(node, None, "RuntimeError: not trained in this test")
+
+    monkeypatch.setattr(stages, "ensure_dataset", lambda *args, **kwargs: None)
+    return execute, calls
+
+
+def test_records_of_another_run_are_not_replaced_without_force(tmp_path, capsys, monkeypatch):
+    """Records of another preset or other seeds in the report folder stop the run before
+    anything is trained or written (exit 2); with force it goes on and replaces them; the same
+    preset and seeds is a resume and goes on."""
+    path = _tiny_table(tmp_path, [{"label": "none", "set": {"regularizer.form": "none"}}])
+    rep = tmp_path / "rep"
+    sets = [f"data.root={tmp_path / 'data'}", f"run.store={tmp_path / 'runs'}", *TINY]
+    existing = _existing_records(rep, "cpu", [0, 1, 2])
+    before = existing.read_bytes()
+    rc = cli.main(["ablate", str(path), "--config", "smoke", "--dry-run", "--report", str(rep),
+                   *sum((["--set", s] for s in sets), [])])
+    err = capsys.readouterr().err
+    assert rc == 2 and str(existing) in err and "pass --force to replace them" in err
+    assert "preset 'cpu', seeds [0, 1, 2]; this run is preset 'smoke', seeds [0]" in err
+    execute, calls = _no_training(monkeypatch)
+    with pytest.raises(UserError, match="pass --force to replace them"):
+        ablation.run([str(path)], "smoke", sets, report_dir=rep, execute=execute)
+    assert not calls and existing.read_bytes() == before
+    assert [p.name for p in rep.rglob("*")] == ["results", "table2.parquet"]
+    assert not (tmp_path / "runs").exists()
+
+    assert ablation.run([str(path)], "smoke", sets, report_dir=rep, force=True,
+                        execute=execute) == 1  # every cell failed: nothing was trained
+    assert len(calls) == 1
+    spec, recs = report.load_records(rep / "results")["table2"]
+    assert (spec["preset"], spec["seeds"]) == ("smoke", [0])
+    assert [r["status"] for r in recs] == ["failed"]
+    capsys.readouterr()
+    # the same preset and seeds: a resume, no force needed
+    assert ablation.run([str(path)], "smoke", sets, report_dir=rep, execute=execute) == 1
+    assert len(calls) == 2
+
+
+def test_the_runner_gives_the_ray_executor_its_resources(tmp_path, monkeypatch, capsys):
+    import cmkg.cluster.ablate
+
+    execute, calls = _no_training(monkeypatch)
+    monkeypatch.setattr(cmkg.cluster.ablate, "execute", execute)
+    path = _tiny_table(tmp_path, [{"label": "none", "set": {"regularizer.form": "none"}}])
+    sets = [f"data.root={tmp_path / 'data'}", f"run.store={tmp_path / 'runs'}", *TINY]
+    ablation.run([str(path)], "smoke", sets, report_dir=tmp_path / "rep", address="auto",
+                 cpus_per_worker=3, gpus_per_worker=0.5, workers=2)
+    assert calls == [(1, {"address": "auto", "cpus_per_worker": 3, "gpus_per_worker": 0.5,
+                              "workers": 2})]
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 def test_failing_cell_leaves_the_others_done(tmp_path, capsys):
@@ -125,7 +225,7 @@ def test_failing_cell_leaves_the_others_done(tmp_path, capsys):
         {"label": "exploding", "set": {"regularizer.form": "none", "optim.lr": 1e8}}])
     store, rep = tmp_path / "runs", tmp_path / "rep"
     os.environ.pop("RAY_ADDRESS", None)
-    rc = cli.main(["ablate", str(path), "--config", "smoke", "--out", str(store),
+    rc = cli.main(["ablate", str(path), "--config", "smoke", "--store", str(store),
                    "--report", str(rep), "--set", f"data.root={tmp_path / 'data'}", *sum(
                        (["--set", s] for s in TINY), [])])
     import ray
@@ -160,7 +260,7 @@ def test_interrupted_run_resumes_and_trains_nothing_twice(tmp_path):
         {"label": "none", "set": {"regularizer.form": "none"}},
         {"label": "weighted l2", "set": {"regularizer.form": "weighted_l2"}}])
     store, rep = tmp_path / "runs", tmp_path / "rep"
-    args = [sys.executable, "-c", _RUN, "ablate", str(path), "--config", "smoke", "--out",
+    args = [sys.executable, "-c", _RUN, "ablate", str(path), "--config", "smoke", "--store",
             str(store), "--report", str(rep), "--set", f"data.root={tmp_path / 'data'}",
             *sum((["--set", s] for s in TINY), [])]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -200,7 +300,7 @@ def test_workers_run_each_stage_under_ray_train(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     done = subprocess.run(
         [sys.executable, "-c", _RUN, "ablate", str(path), "--config", "smoke", "--workers", "2",
-         "--out", str(store), "--report", str(rep), "--set", f"data.root={tmp_path / 'data'}",
+         "--store", str(store), "--report", str(rep), "--set", f"data.root={tmp_path / 'data'}",
          *sum((["--set", s] for s in TINY), [])],
         capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -258,7 +358,7 @@ def test_shipped_table2_at_smoke_one_seed_completes_and_renders(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     done = subprocess.run(
         [sys.executable, "-c", _RUN, "ablate", str(ROOT / "ablations" / "table2.yaml"),
-         "--config", "smoke", "--seeds", "1", "--out", str(store), "--report", str(rep),
+         "--config", "smoke", "--seeds", "1", "--store", str(store), "--report", str(rep),
          "--set", f"data.root={tmp_path / 'data'}", *sum((["--set", s] for s in TINY), [])],
         capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -104,7 +104,9 @@ TABLE1 = {
          "paper_delta": None}],
     "notes": ["rgb_long: our control, the RGB student trained as long as the KD chain"],
     "lower_is_better": {"epe_mm": True, "auc_20_50": False},
-    "seeds": [0, 1, 2], "preset": "cpu", "figure4_paper_delta_auc": 0.045,
+    "seeds": [0, 1, 2], "preset": "cpu",
+    "figures": {"figure4": {"pck_pair": {"row": "L_ACT + L_ATT", "columns": ["rgb", "kd"],
+                                         "dataset": "source", "paper_delta_auc": 0.045}}},
 }
 TABLE2 = {
     "table": "table2", "title": "Table 2: regularizers on the target",
@@ -123,6 +125,8 @@ TABLE2 = {
          "paper_delta": 0.072}],
     "notes": [], "lower_is_better": {"epe_mm": True, "auc_20_50": False},
     "seeds": [0, 1], "preset": "cpu",
+    "figures": {"figure4": {"pck_rows": {}},
+                "figure5": {"parameters": {"without": "none", "with": ["weighted l2"]}}},
 }
 TABLE3 = {
     "table": "table3", "title": "Table 3: regularizers on other targets",
@@ -282,6 +286,54 @@ def test_figures_are_skipped_without_their_tables(results, tmp_path):
     assert {p.name for p in written} == {"table3.md", "table3.csv", "table3_comparisons.csv",
                                          "README.md"}
     assert "No figure" in (tmp_path / "r" / "README.md").read_text(encoding="utf-8")
+
+
+def test_figures_are_what_the_specs_name(tmp_path):
+    """A table draws the panels its spec's ``figures`` names, nothing else: records written
+    without the entry give no figure."""
+    folder = tmp_path / "results"
+    recs = _records()
+    report.write_records(folder / "table1.parquet", TABLE1, recs["table1"])
+    report.write_records(folder / "table2.parquet",
+                         {k: v for k, v in TABLE2.items() if k != "figures"}, recs["table2"])
+    tables = report.load_records(folder)
+    assert report.figure4(tables, tmp_path / "f4.png") == [
+        "3D PCK of rgb vs kd (L_ACT + L_ATT)",
+        "the per-seed AUC 20-50 gain of kd − rgb beside the paper's"]
+    assert report.figure5(tables, tmp_path / "f5.png") == []
+    assert not (tmp_path / "f5.png").exists()
+
+
+@pytest.mark.parametrize("figures, expected", [
+    ({"figure6": {}}, "spec.figures.figure6: unknown key (did you mean 'figure5'?)"),
+    ({"figure4": {"pck_rows": {}, "pck_pairs": {}}}, "spec.figures.figure4.pck_pairs: unknown key"),
+    ({"figure5": {"parameters": {"without": "nope", "with": ["weighted l2"]}}},
+     "spec.figures.figure5.parameters.without: 'nope' is not a row label"),
+    ({"figure5": {"parameters": {"without": "none", "with": "weighted l2"}}},
+     "spec.figures.figure5.parameters.with: must be a non-empty list of row labels"),
+    ({"figure4": {"pck_pair": {"row": "none", "columns": ["target", "target"],
+                               "dataset": "target", "paper_delta_auc": 0.1}}},
+     "spec.figures.figure4.pck_pair.columns: must be two columns of target"),
+    ({"figure4": {"pck_pair": {"row": "none", "columns": ["target"]}}},
+     "spec.figures.figure4.pck_pair.dataset: missing"),
+])
+def test_a_bad_figures_entry_is_a_data_error(tmp_path, figures, expected):
+    spec = {**TABLE2, "figures": figures}
+    report.write_records(tmp_path / "table2.parquet", spec, _records()["table2"])
+    with pytest.raises(DataError) as e:
+        report.load_records(tmp_path)
+    assert "table2.parquet" in str(e.value) and expected in str(e.value)
+
+
+def test_replace_spec_rewrites_the_rows_as_they_were(results):
+    path = results / "table2.parquet"
+    before = path.read_bytes()
+    report.replace_spec(path, report.read_spec(path))
+    assert path.read_bytes() == before  # the same spec: the same file
+    rows = pq.read_table(path)
+    report.replace_spec(path, {**TABLE2, "title": "another title"})
+    assert report.read_spec(path)["title"] == "another title"
+    assert pq.read_table(path).equals(rows)
 
 
 def test_records_round_trip(results):

@@ -10,7 +10,7 @@ REPORTS = Path(__file__).resolve().parent.parent / "reports"
 def test_cmkg_report_rebuilds_the_committed_markdown(tmp_path, capsys):
     results = sorted((REPORTS / "results").glob("table*.parquet"))
     assert [p.name for p in results] == ["table1.parquet", "table2.parquet", "table3.parquet"]
-    assert cli.main(["report", "--results", str(REPORTS / "results"), "--out", str(tmp_path)]) == 0
+    assert cli.main(["report", "--results", str(REPORTS / "results"), "--report", str(tmp_path)]) == 0
     written = sorted(p.name for p in tmp_path.glob("*.md"))
     assert written == sorted(p.name for p in REPORTS.glob("*.md"))
     assert {"README.md", "table1.md", "table2.md", "table3.md"} <= set(written)

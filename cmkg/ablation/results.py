@@ -1,0 +1,125 @@
+"""What a run leaves for the report: one result record per cell, and the table's spec (with
+phi_META's correlation between seeds) stored beside them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from cmkg import config as config_mod
+from cmkg import report, stages
+from cmkg.ablation.cells import Cell, notes
+from cmkg.ablation.spec import Ablation
+from cmkg.config import Config
+
+LOWER_IS_BETTER = {"epe_mm": True, "auc_20_50": False}
+
+_PHI_CACHE: dict[str, np.ndarray] = {}  # artifact path -> phi; the last few meta stages
+
+
+def _phi_values(art: stages.Artifact) -> np.ndarray:
+    """phi_META of a meta stage as one float64 vector, read once although every weighted
+    target cell of every table and the seed correlation use it."""
+    key = str(art.path)
+    if key not in _PHI_CACHE:
+        if len(_PHI_CACHE) >= 8:
+            _PHI_CACHE.pop(next(iter(_PHI_CACHE)))
+        _PHI_CACHE[key] = np.concatenate([p.detach().flatten().double().numpy()
+                                          for p in art.load_phi().phi()])
+    return _PHI_CACHE[key]
+
+
+def _extra(cell: Cell, art: stages.Artifact, done: dict) -> dict:
+    """Fig. 5's data for target cells: a histogram of the network's weights, and of phi."""
+    if cell.node.stage != "target":
+        return {}
+    out = {"theta_hist": report.histogram(report.flat_weights(art.load_model().state_dict()))}
+    for k in ("prior_strength", "calibration"):  # D after the last epoch; the calibrated scale
+        if k in art.metrics:
+            out[k] = art.metrics[k]
+    meta_key = cell.node.inputs.get("meta")
+    if meta_key and ("meta", meta_key) in done:
+        prior = done[("meta", meta_key)]
+        scale = out.get("calibration", {}).get("scale", 1.0)  # the calibrated phi, before its cap
+        out["phi_hist"] = report.histogram(scale * _phi_values(prior))
+        out["phi"] = prior.metrics.get("phi", {})
+    return out
+
+
+def phi_correlation(cells: list[Cell], done: dict) -> list[dict]:
+    """Pearson correlation of phi_META between seeds, per weighted form and parametrisation
+    (is phi knowledge shared by the seeds, or noise?), from the meta stages the table's target
+    cells used."""
+    metas: dict[str, dict[int, tuple[str, str]]] = {}
+    for c in cells:
+        for n in c.nodes:
+            if n.stage == "meta" and n.id in done:
+                r = n.cfg.regularizer
+                form = r.form if r.phi_param == "free" else f"{r.form} ({r.phi_param})"
+                metas.setdefault(form, {})[c.seed] = n.id
+    out = []
+    for form, by_seed in sorted(metas.items()):
+        seeds = sorted(by_seed)
+        phis = {s: _phi_values(done[by_seed[s]]) for s in seeds}
+        for i, a in enumerate(seeds):
+            for b in seeds[i + 1:]:
+                # a constant phi (softplus learned from phi_init barely moves in float32) has
+                # no correlation: None, shown as such
+                r = (None if np.ptp(phis[a]) == 0 or np.ptp(phis[b]) == 0
+                     else round(float(np.corrcoef(phis[a], phis[b])[0, 1]), 6))
+                out.append({"form": form, "seeds": [a, b], "pearson": r,
+                            "count": int(phis[a].size)})
+    return out
+
+
+def fingerprint(cfg: Config) -> str:
+    """sha256 of the resolved config without the fields that cannot change a result."""
+    d = cfg.to_dict()
+    for k in ("store", "cache", "threads", "progress", "loader_workers", "device"):
+        d["run"].pop(k, None)
+    d["data"].pop("root", None)
+    return config_mod.digest(d)
+
+
+def record(cell: Cell, done: dict, failed: dict[tuple[str, str], str], preset: str | None) -> dict:
+    """One result record: the cell's metrics from its artifact, or why it failed."""
+    base = {"table": cell.table, "row": cell.row, "column": cell.column, "seed": cell.seed,
+            "stage": cell.node.stage, "key": cell.node.key,
+            "config_fingerprint": fingerprint(cell.cfg),
+            "artifacts": json.dumps({n.stage: n.key for n in cell.nodes}, sort_keys=True),
+            "preset": preset or "custom"}
+    missing = [n for n in cell.nodes if n.id not in done]
+    if missing:
+        why = next((failed[n.id] for n in cell.nodes if n.id in failed),
+                   f"{missing[0].stage} did not run")
+        return report.failed_record(base, why, stages.code_version())
+    art = done[cell.node.id]
+    metrics, meta = art.metrics, art.meta
+    test = metrics["test"]
+    walls = {n.stage: round(float(done[n.id].meta.get("duration_s", 0.0)), 3)
+             for n in cell.nodes}
+    return {**base, "status": "done", "error": None, "epe_mm": test["epe_mm"],
+            "auc_20_50": test["auc_20_50"],
+            "mean_pose_epe_mm": metrics.get("mean_pose_test", {}).get("epe_mm"),
+            "pck_thresholds_mm": test["pck_thresholds_mm"], "pck": test["pck"],
+            "per_joint_epe_mm": test.get("per_joint_epe_mm", []),
+            "wall_s": round(float(meta.get("duration_s", 0.0)), 3),
+            "stage_walls": json.dumps(walls, sort_keys=True),
+            "code_version": meta.get("code_version", ""), "device": meta.get("device", ""),
+            "extra": json.dumps(_extra(cell, art, done), sort_keys=True)}
+
+
+def table_spec(ab: Ablation, preset: str | None, seeds: list[int]) -> dict:
+    """The table's description stored beside its records (what ``cmkg report`` renders)."""
+    spec = {"table": ab.table, "title": ab.title, "caption": ab.caption,
+            "regenerates": ab.regenerates, "source": Path(ab.path).name,
+            "columns": [{"name": c.name, "title": c.title, "metrics": c.metrics, "stage": c.stage}
+                        for c in ab.columns.values()],
+            "rows": [{"label": r.label, "paper": r.paper} for r in ab.rows],
+            "comparisons": ab.comparisons, "notes": notes(ab, preset),
+            "lower_is_better": LOWER_IS_BETTER, "seeds": seeds, "preset": preset or "custom"}
+    if ab.figures:
+        spec["figures"] = ab.figures
+    return spec

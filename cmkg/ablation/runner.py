@@ -1,0 +1,232 @@
+"""The runner: what to train for a set of ablation files, trained by the Ray layer
+(``cmkg.cluster.ablate.execute``), then the records and the report; and its dry run."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cmkg import report, stages
+from cmkg.ablation.cells import Cell, choose, expand, preset_of, union, value_text, work
+from cmkg.ablation.results import phi_correlation, record, table_spec
+from cmkg.ablation.spec import Ablation, load
+from cmkg.console import duration, say
+from cmkg.errors import DataError, UserError
+
+
+def status_line(cells: list[Cell], nodes: list[stages.Node], cached: set) -> str:
+    """ "12 cells: 9 done, 3 to run; 21 stages: 17 cached, 4 to train" """
+    done = sum(all(n.id in cached for n in c.nodes) for c in cells)
+    n_cached = sum(n.id in cached for n in nodes)
+    return (f"{len(cells)} cells: {done} done, {len(cells) - done} to run; "
+            f"{len(nodes)} stages: {n_cached} cached, {len(nodes) - n_cached} to train")
+
+
+def dry_run(abs_cells: list[tuple[Ablation, list[Cell]]], store: stages.Store) -> str:
+    """The cells, the unique stages they need, which are cached and which would be trained,
+    and the estimated work; trains nothing."""
+    lines = []
+    all_cells = [c for _, cells in abs_cells for c in cells]
+    nodes = union(all_cells)
+    found = {n.id: store.get(n.stage, n.key) for n in nodes}
+    cached = {i for i, art in found.items() if art is not None}
+    for ab, cells in abs_cells:
+        lines.append(f"{ab.table} ({ab.path}): {len(ab.rows)} rows x {len(ab.columns)} columns "
+                     f"x {len({c.seed for c in cells})} seeds")
+        for c in cells:
+            mark = "done" if all(n.id in cached for n in c.nodes) else "to run"
+            row = c.row if c.candidate is None else f"{c.row} [{value_text(c.candidate)}]"
+            lines.append(f"  {row!r:28s} {c.column:12s} seed {c.seed}  "
+                         f"{c.node.stage} {c.node.key[:12]}  {mark}")
+    lines.append("stages:")
+    by_kind: dict[str, list[float]] = {}
+    rates = []
+    for n in nodes:
+        w = work(n)
+        state = "cached" if n.id in cached else "to train"
+        lines.append(f"  {n.stage:8s} {n.key[:12]}  {n.spec['arch']:9s} "
+                     f"{n.spec['epochs']:4d} epochs  {state}")
+        if n.id in cached:
+            dur = found[n.id].meta.get("duration_s")
+            if dur:
+                rates.append(dur / w)
+        else:
+            by_kind.setdefault(n.stage, []).append(w)
+    total = sum(sum(v) for v in by_kind.values())
+    kinds = ", ".join(f"{k} {len(v)}" for k, v in by_kind.items()) or "nothing"
+    lines.append(status_line(all_cells, nodes, cached))
+    if total:
+        est = (f"about {duration(total * float(np.median(rates)))} of training, summed over "
+               f"stages, at the rate of the {len(rates)} cached stage(s)" if rates
+               else "no finished stage in the store to estimate a rate from")
+        lines.append(f"to train: {kinds}; {total / 1e6:.2f} M sample-epochs (64 px resnet10 "
+                     f"equivalents), {est}")
+    return "\n".join(lines)
+
+
+def check_overwrite(results: Path, cells_of: list[tuple[Ablation, list[Cell]]],
+                    preset: str | None) -> None:
+    """Refuse to replace records of another run: a table whose ``results/{table}.parquet``
+    holds another preset or other seeds than this run's raises ``UserError`` (exit status 2)
+    naming the file, before anything is trained or written. The same preset and seeds is a
+    resume or a refresh, and goes on."""
+    clashes = []
+    for ab, cells in cells_of:
+        path = results / f"{ab.table}.parquet"
+        if not path.exists():
+            continue
+        mine = {"preset": preset or "custom", "seeds": sorted({c.seed for c in cells})}
+        try:
+            spec = report.read_spec(path)
+            theirs = {"preset": spec.get("preset"), "seeds": sorted(spec.get("seeds") or [])}
+        except DataError as e:
+            clashes.append(f"{e}")
+            continue
+        if theirs != mine:
+            clashes.append(f"{path} holds the records of preset {theirs['preset']!r}, seeds "
+                           f"{theirs['seeds']}; this run is preset {mine['preset']!r}, seeds "
+                           f"{mine['seeds']}")
+    if clashes:
+        raise UserError("; ".join(clashes) + ": pass --force to replace them")
+
+
+def _cached(nodes: list[stages.Node], store: stages.Store) -> dict:
+    done: dict[tuple[str, str], stages.Artifact] = {}
+    for n in nodes:
+        art = store.get(n.stage, n.key)
+        if art is not None:
+            done[n.id] = art
+    return done
+
+
+def _render_datasets(todo: list[stages.Node]) -> None:
+    """Every synthetic set the stages to train read, rendered once here, not in every task."""
+    for spec in {json.dumps(dataclasses.asdict(s), sort_keys=True): (s, n.cfg)
+                 for n in todo for s in stages.stage_datasets(n.stage, n.cfg)}.values():
+        stages.ensure_dataset(*spec)
+
+
+def _progress(todo: list[stages.Node], done: dict, failed: dict, store: stages.Store,
+              started: float):
+    """The executor's ``on_done(node, path, error)``: records the artifact or the failure and
+    prints a progress line with the ETA (by the work left)."""
+    total = sum(work(n) for n in todo)
+    finished = {"work": 0.0, "count": 0}
+
+    def on_done(node: stages.Node, path: str | None, error: str | None) -> None:
+        finished["count"] += 1
+        finished["work"] += work(node)
+        elapsed = time.time() - started
+        eta = elapsed / finished["work"] * (total - finished["work"])
+        if error is None:
+            done[node.id] = store.get(node.stage, node.key) or stages.open_artifact(path)
+            epe = done[node.id].metrics["test"]["epe_mm"]
+            what = f"EPE {epe:.2f} mm, {done[node.id].meta.get('duration_s', 0):.0f}s"
+        else:
+            failed[node.id] = error
+            what = f"FAILED: {error}"
+        say(f"[{finished['count']}/{len(todo)}] {node.stage} {node.key[:10]} seed "
+            f"{node.cfg.run.seed}: {what}; elapsed {duration(elapsed)}, ETA {duration(eta)}")
+
+    return on_done
+
+
+def _write_results(ab: Ablation, cells: list[Cell], done: dict, failed: dict,
+                   preset: str | None, store: stages.Store, results: Path) -> None:
+    """The table's records (the chosen values of its ``choose`` rows), its spec with the
+    choices' notes and phi's correlation, into the store and the report's results folder."""
+    picked, choice_notes, chosen = choose(ab, cells, done)
+    recs = []
+    for c in picked:
+        rec = record(c, done, failed, preset)
+        if (c.row, c.column) in chosen:
+            rec["extra"] = json.dumps({**json.loads(rec["extra"]),
+                                       "chosen": chosen[(c.row, c.column)]}, sort_keys=True)
+        recs.append(rec)
+    spec = table_spec(ab, preset, sorted({c.seed for c in cells}))
+    spec["notes"] = spec["notes"] + choice_notes
+    if (corr := phi_correlation(cells, done)):
+        spec["phi_correlation"] = corr
+    report.write_records(store.root / "_results" / (preset or "custom") / f"{ab.table}.parquet",
+                         spec, recs)
+    report.write_records(results / f"{ab.table}.parquet", spec, recs)
+
+
+def _summary(cells: list[Cell], nodes: list, todo: list, done: dict, failed: dict,
+             wall: float, written: list[Path]) -> tuple[int, str]:
+    """(failed cells, the closing line: cells, stages cached and trained, times, report)."""
+    n_failed = sum(1 for c in cells if any(n.id in failed or n.id not in done for n in c.nodes))
+    kinds: dict[str, list[float]] = {}
+    for n in todo:
+        if n.id in done:
+            kinds.setdefault(n.stage, []).append(float(done[n.id].meta.get("duration_s", 0)))
+    breakdown = ", ".join(f"{k} {len(v)} x {duration(sum(v) / len(v))}"
+                          for k, v in kinds.items()) or "none"
+    trained = sum(sum(v) for v in kinds.values())
+    return n_failed, (
+        f"{len(cells)} cells ({n_failed} failed), {len(nodes)} unique stages "
+        f"({len(nodes) - len(todo)} cached, {len(todo)} trained); wall {duration(wall)}, "
+        f"stage training {duration(trained)} (trained: {breakdown}); report: "
+        f"{', '.join(str(p) for p in written[:3])}{' ...' if len(written) > 3 else ''}")
+
+
+def run(paths: list[str], base_config: str | None, overrides: list[str], *,
+        seeds: int | None = None, dry: bool = False, report_dir: str | Path = "reports",
+        force: bool = False, address: str | None = None, cpus_per_worker: int = 1,
+        gpus_per_worker: float = 0.0, workers: int = 0, execute=None) -> int:
+    """Load the ablation files, expand and plan every cell, train what the store lacks, write
+    one record per cell and render the report. Returns the exit status: 1 if any cell failed.
+
+    Training goes through ``execute(nodes, on_done)``: by default the Ray executor
+    (``cmkg.cluster.ablate.execute``) at ``address`` with the resources given: each stage a
+    task of ``cpus_per_worker`` CPUs and ``gpus_per_worker`` GPUs, or, with ``workers`` >= 1,
+    a Ray Train run of that many such workers; a caller may pass its own. Records of another
+    preset or other seeds already in ``{report_dir}/results`` stop the run before anything is
+    trained or written (``check_overwrite``; a dry run too), unless ``force``."""
+    abls = [load(p) for p in paths]
+    names = [a.table for a in abls]
+    if len(set(names)) != len(names):
+        raise UserError(f"two ablation files define the same table: {names}")
+    cells_of = [(a, expand(a, base_config, overrides, seeds)) for a in abls]
+    cells = [c for _, cs in cells_of for c in cs]
+    preset = preset_of(base_config)
+    out = Path(report_dir)
+    results = out / "results"
+    if not force:
+        check_overwrite(results, cells_of, preset)
+    store = stages.Store.of(cells[0].cfg)
+    if dry:
+        print(dry_run(cells_of, store))
+        return 0
+    nodes = union(cells)
+    done = _cached(nodes, store)
+    say(status_line(cells, nodes, set(done)))
+    # seed by seed (stable, so upstream stays first): an interrupted run has whole seeds
+    todo = sorted((n for n in nodes if n.id not in done), key=lambda n: n.cfg.run.seed)
+    failed: dict[tuple[str, str], str] = {}
+    started = time.time()
+    if todo:
+        _render_datasets(todo)
+        if execute is None:
+            from cmkg.cluster.ablate import execute as ray_execute
+
+            execute = functools.partial(ray_execute, address=address,
+                                        cpus_per_worker=cpus_per_worker,
+                                        gpus_per_worker=gpus_per_worker, workers=workers)
+        execute(todo, _progress(todo, done, failed, store, started))
+    wall = time.time() - started
+    for ab, cs in cells_of:
+        _write_results(ab, cs, done, failed, preset, store, results)
+    written = report.render_reports(results, out)
+    for ab, _ in cells_of:
+        md = out / f"{ab.table}.md"
+        if md.is_file():
+            print(md.read_text())
+    n_failed, line = _summary(cells, nodes, todo, done, failed, wall, written)
+    say(line)
+    return 1 if n_failed else 0

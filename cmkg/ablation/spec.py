@@ -1,0 +1,222 @@
+"""The ablation file: its loader (strict: every problem at once, each named with its key, before
+any training) and what it loads into (``Ablation``, ``Column``, ``Row``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cmkg import config as config_mod
+from cmkg import stages
+from cmkg.errors import ConfigError
+from cmkg.report.figures import check_figures
+from cmkg.yamlfile import is_int, is_number, mapping, number, read_mapping, unknown_keys
+
+FILE_KEYS = ("table", "title", "caption", "regenerates", "seeds", "set", "scale", "columns",
+             "rows", "baseline_row", "compare_columns", "compare", "figures")
+COLUMN_KEYS = ("stage", "title", "metrics", "set", "extend_epochs")
+ROW_KEYS = ("label", "set", "scale", "paper", "choose")
+METRICS = ("epe_mm", "auc_20_50")
+
+
+@dataclass
+class Column:
+    name: str
+    stage: str
+    title: str
+    metrics: list[str]
+    set: dict = field(default_factory=dict)
+    extend_epochs: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Row:
+    label: str
+    set: dict = field(default_factory=dict)
+    scale: dict = field(default_factory=dict)  # preset -> {set, note}
+    paper: dict = field(default_factory=dict)  # column -> {metric: value}
+    choose: dict | None = None  # {key: dotted config key, values: [...]}: chosen on val
+
+
+@dataclass
+class Ablation:
+    path: str
+    table: str
+    title: str
+    caption: str
+    regenerates: str
+    seeds: int
+    set: dict
+    scale: dict
+    columns: dict[str, Column]
+    rows: list[Row]
+    comparisons: list[dict]
+    figures: dict = field(default_factory=dict)  # cmkg.report.figures.FIGURES entries
+
+    def row(self, label: str) -> Row:
+        return next(r for r in self.rows if r.label == label)
+
+
+def load(path: str | Path) -> Ablation:
+    """Read and check an ablation file (structure only; ``expand`` checks every override
+    against the config)."""
+    path = Path(path)
+    data = read_mapping(path)  # missing file, bad YAML, not a mapping: one message
+    p: list[str] = []
+    unknown_keys(data, FILE_KEYS, "", p)
+    for k in ("table", "columns", "rows"):
+        if k not in data:
+            p.append(f"{k}: missing")
+    seeds = data.get("seeds", 3)
+    if not is_int(seeds, 1):
+        p.append(f"seeds: must be an integer >= 1, got {seeds!r}")
+        seeds = 1
+    columns = _columns(data.get("columns"), p)
+    rows = _rows(data.get("rows"), columns, p)
+    comparisons = _comparisons(data, columns, rows, p)
+    figures = check_figures(data.get("figures"), [r.label for r in rows], list(columns),
+                            "figures", p)
+    base, scale = mapping(data.get("set"), "set", p), _scale(data.get("scale"), "scale", p)
+    if p:
+        raise ConfigError(str(path), p)
+    return Ablation(str(path), str(data["table"]), str(data.get("title", data["table"])),
+                    str(data.get("caption", "")), str(data.get("regenerates", "")), seeds,
+                    base, scale, columns, rows, comparisons, figures)
+
+
+def _scale(value, key: str, problems: list[str]) -> dict:
+    """``scale: {preset: {set, note}}``: what a preset runs instead, and says so."""
+    out = {}
+    for preset, entry in mapping(value, key, problems).items():
+        where = f"{key}.{preset}"
+        if preset not in config_mod.PRESETS:
+            problems.append(f"{where}: not a preset ({', '.join(config_mod.PRESETS)})")
+            continue
+        entry = mapping(entry, where, problems)
+        unknown_keys(entry, ("set", "note"), where, problems)
+        out[preset] = {"set": mapping(entry.get("set"), f"{where}.set", problems),
+                       "note": str(entry["note"]) if entry.get("note") else None}
+    return out
+
+
+def _columns(value, p: list[str]) -> dict[str, Column]:
+    columns: dict[str, Column] = {}
+    for name, c in mapping(value, "columns", p).items():
+        key = f"columns.{name}"
+        c = mapping(c, key, p)
+        unknown_keys(c, COLUMN_KEYS, key, p)
+        stage = c.get("stage")
+        if stage not in stages.STAGES:
+            p.append(f"{key}.stage: must be one of {', '.join(stages.STAGES)}, got {stage!r}")
+        metrics = c.get("metrics", ["epe_mm"])
+        if not isinstance(metrics, list) or not metrics or any(m not in METRICS for m in metrics):
+            p.append(f"{key}.metrics: must be a non-empty list among {', '.join(METRICS)}")
+            metrics = ["epe_mm"]
+        ext = c.get("extend_epochs", [])
+        if not isinstance(ext, list) or any(e not in stages.STAGES for e in ext):
+            p.append(f"{key}.extend_epochs: must be a list of stages, got {ext!r}")
+            ext = []
+        columns[str(name)] = Column(str(name), stage, str(c.get("title", name)), metrics,
+                                    mapping(c.get("set"), f"{key}.set", p), ext)
+    return columns
+
+
+def _rows(value, columns: dict[str, Column], p: list[str]) -> list[Row]:
+    rows: list[Row] = []
+    if not isinstance(value, list) or not value:
+        p.append("rows: must be a non-empty list")
+        value = []
+    for i, r in enumerate(value):
+        key = f"rows[{i}]"
+        r = mapping(r, key, p)
+        unknown_keys(r, ROW_KEYS, key, p)
+        label = r.get("label")
+        if not isinstance(label, str) or not label:
+            p.append(f"{key}.label: missing")
+            continue
+        if any(x.label == label for x in rows):
+            p.append(f"{key}.label: {label!r} appears twice")
+        rows.append(Row(label, mapping(r.get("set"), f"{key}.set", p),
+                        _scale(r.get("scale"), f"{key}.scale", p),
+                        _paper(r.get("paper"), columns, f"{key}.paper", p),
+                        _choose(r.get("choose"), f"{key}.choose", p)))
+    return rows
+
+
+def _paper(value, columns: dict[str, Column], key: str, p: list[str]) -> dict:
+    """A row's ``paper: {column: value | {metric: value}}`` (a bare value: the column's first
+    metric)."""
+    paper = {}
+    for col, vals in mapping(value, key, p).items():
+        if col not in columns:
+            p.append(f"{key}.{col}: not a column ({', '.join(columns)})")
+            continue
+        if is_number(vals):
+            vals = {columns[col].metrics[0]: vals}
+        vals = mapping(vals, f"{key}.{col}", p)
+        bad = [m for m in vals if m not in columns[col].metrics]
+        if bad:
+            p.append(f"{key}.{col}.{bad[0]}: not a metric of the column")
+        paper[col] = {}
+        for m, v in vals.items():
+            if m in bad:
+                continue
+            if not is_number(number(v)):
+                p.append(f"{key}.{col}.{m}: must be a number, got {v!r}")
+                continue
+            paper[col][m] = float(number(v))
+    return paper
+
+
+def _choose(value, key: str, problems: list[str]) -> dict | None:
+    """A row's ``choose: {key: dotted.config.key, values: [v1, v2, ...]}`` (>= 2 values)."""
+    if value is None:
+        return None
+    value = mapping(value, key, problems)
+    unknown_keys(value, ("key", "values"), key, problems)
+    ok = True
+    if not isinstance(value.get("key"), str) or not value["key"]:
+        problems.append(f"{key}.key: missing (a dotted config key, e.g. regularizer.sigma)")
+        ok = False
+    values = value.get("values")
+    if not isinstance(values, list) or len(values) < 2 or len(set(map(repr, values))) < len(values):
+        problems.append(f"{key}.values: must be a list of at least 2 different values")
+        ok = False
+    return {"key": value["key"], "values": list(values)} if ok else None
+
+
+def _comparisons(data: dict, columns: dict[str, Column], rows: list[Row],
+                 p: list[str]) -> list[dict]:
+    """Every paired comparison as {a: [row, col], b: [row, col], metric, paper_delta}."""
+    labels = [r.label for r in rows]
+    pairs: list[tuple[tuple[str, str], tuple[str, str]]] = []
+    base = data.get("baseline_row")
+    if base is not None:
+        if base not in labels:
+            p.append(f"baseline_row: {base!r} is not a row label")
+        else:
+            pairs += [((r, c), (base, c)) for r in labels if r != base for c in columns]
+    for i, pair in enumerate(data.get("compare_columns") or []):
+        if (not isinstance(pair, list) or len(pair) != 2
+                or any(c not in columns for c in pair)):
+            p.append(f"compare_columns[{i}]: must be [column, column] of {', '.join(columns)}")
+            continue
+        pairs += [((r, pair[0]), (r, pair[1])) for r in labels]
+    for i, cmp in enumerate(data.get("compare") or []):
+        cmp = mapping(cmp, f"compare[{i}]", p)
+        ok = all(isinstance(cmp.get(s), list) and len(cmp[s]) == 2 and cmp[s][0] in labels
+                 and cmp[s][1] in columns for s in ("a", "b"))
+        if not ok or set(cmp) != {"a", "b"}:
+            p.append(f"compare[{i}]: must be {{a: [row, column], b: [row, column]}}")
+            continue
+        pairs.append((tuple(cmp["a"]), tuple(cmp["b"])))
+    out = []
+    for a, b in pairs:
+        for metric in columns[a[1]].metrics:
+            if metric not in columns[b[1]].metrics:
+                continue
+            pa = next(r for r in rows if r.label == a[0]).paper.get(a[1], {}).get(metric)
+            pb = next(r for r in rows if r.label == b[0]).paper.get(b[1], {}).get(metric)
+            delta = None if pa is None or pb is None else round(pa - pb, 6)
+            out.append({"a": list(a), "b": list(b), "metric": metric, "paper_delta": delta})
+    return out

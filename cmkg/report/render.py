@@ -1,0 +1,42 @@
+"""``render_reports``: the reports folder, written from a folder of result records only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cmkg.atomic import atomic_path
+from cmkg.report.figures import figure4, figure5
+from cmkg.report.index import readme_markdown
+from cmkg.report.records import load_records
+from cmkg.report.tables import comparisons_csv, table_csv, table_markdown
+
+
+def _write(path: Path, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(text.encode("utf-8"))  # bytes: no locale encoding, no newline translation
+    return path
+
+
+def render_reports(results_dir: str | Path, out_dir: str | Path) -> list[Path]:
+    """Write ``out_dir``'s tables, figures and README from ``results_dir/*.parquet``; return the
+    paths written. The same records give the same bytes (the PNGs aside)."""
+    tables = load_records(results_dir)
+    out_dir = Path(out_dir)
+    written: list[Path] = []
+    files: dict[str, list[str]] = {}
+    for name, (spec, records) in tables.items():
+        files[name] = [f"{name}.md", f"{name}.csv"]
+        written.append(_write(out_dir / f"{name}.md", table_markdown(spec, records)))
+        written.append(_write(out_dir / f"{name}.csv", table_csv(spec, records)))
+        if spec.get("comparisons"):
+            files[name].append(f"{name}_comparisons.csv")
+            written.append(_write(out_dir / f"{name}_comparisons.csv",
+                                  comparisons_csv(spec, records)))
+    figures = {}
+    for name, draw in (("figure4.png", figure4), ("figure5.png", figure5)):
+        panels = draw(tables, out_dir / name)
+        if panels:
+            figures[name] = "; ".join(panels)
+            written.append(out_dir / name)
+    written.append(_write(out_dir / "README.md", readme_markdown(tables, files, figures)))
+    return written
