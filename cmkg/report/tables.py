@@ -138,7 +138,7 @@ def _strength_section(spec: dict, records: list[dict]) -> list[str]:
             "Per row, over the n seeds whose stage logged it (mean): D, the e-folds "
             "R decays (D > 0) or grows "
             "(D < 0) a weight over the target run with Adam's own gradient scale "
-            "(PRIOR-SCALE.md; |D| << 0.1: R does nothing), its median over the "
+            "(docs/prior-strength.md; |D| << 0.1: R does nothing), its median over the "
             "regularised weights and the fraction with |D| > 0.1, after the last epoch; "
             "||∇R|| / ||∇L_REG|| on the regularised weights; for a calibrated prior, the "
             "factor applied to φ_META and the β of Algorithm 1 it amounts to.\n",
