@@ -16,7 +16,7 @@ $(BIN)/.installed: pyproject.toml
 setup: $(BIN)/.installed
 
 demo: setup
-	$(BIN)/cmkg reproduce --config smoke --seeds 1 --report runs/report-smoke
+	$(BIN)/cmkg reproduce --config smoke --seeds 1   # report: runs/reports/smoke
 
 test: setup
 	$(BIN)/ruff check cmkg tests bench

@@ -1,7 +1,7 @@
 """Ray overhead: a stage in-process vs as a Ray task vs under Ray Train with 1 and 2 workers.
 
-Also a stage as a Ray task that trains in-process (``cluster.train.stage_task``, the path for
-one-worker stages inside sweeps and the ablation runner). Prints the wall time of each (the difference is Ray's fixed start-up cost: workers, placement
+Also a stage as a Ray task that trains in-process (``cluster.tasks.submit``, the path of the
+ablation runner's stages without ``--workers``). Prints the wall time of each (the difference is Ray's fixed start-up cost: workers, placement
 group, process group) and the steady-state training throughput from the epochs' own timings
 (bar: 1 worker >= 0.90 of in-process once started), plus 2 workers vs 1 on this machine.
 
@@ -21,7 +21,9 @@ def steady(art) -> float:
     """Training samples per second over the epochs after the first."""
     hist = art.metrics["history"]
     n = art.meta["spec"]["optim"]["batch_size"]
-    train = len(stages.HandDataset(stages.ensure_dataset(CFG.data.source, CFG), "train", ("depth",)))
+    from cmkg.data import HandDataset
+
+    train = len(HandDataset(stages.ensure_dataset(CFG.data.source, CFG), "train", ("depth",)))
     steps = train // n
     times = [h["train_time_s"] for h in hist[1:]] or [hist[0]["train_time_s"]]
     return steps * n / statistics.median(times)
@@ -41,7 +43,8 @@ def main():
     CFG = config.load("smoke", base + [f"run.store={tmp}/warm"])
     stages.ensure_dataset(CFG.data.source, CFG)
 
-    from cmkg.cluster.train import init_ray, run_stage_ray
+    from cmkg.cluster.connect import init_ray
+    from cmkg.cluster.train import run_stage_ray
 
     rows = {}
     t = time.perf_counter()
@@ -52,11 +55,12 @@ def main():
     ray_init = time.perf_counter() - t
     import ray
 
-    from cmkg.cluster.train import stage_task
+    from cmkg.cluster import tasks
 
     cfg = config.load("smoke", base + [f"run.store={tmp}/task"])
-    t = time.perf_counter()  # what a sweep trial or the ablation runner pays for a 1-worker stage
-    art = stages.open_artifact(ray.get(stage_task("teacher", cfg, cpus=os.cpu_count())))
+    t = time.perf_counter()  # what the ablation runner pays for a stage without --workers
+    nodes = stages.plan("teacher", cfg)
+    art = stages.open_artifact(ray.get(tasks.submit(nodes, cpus_per_worker=os.cpu_count())))
     rows["Ray task, in-process"] = (time.perf_counter() - t, steady(art))
     for workers in (1, 2):
         cfg = config.load("smoke", base + [f"run.store={tmp}/ray{workers}"])

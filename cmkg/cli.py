@@ -3,19 +3,33 @@
     cmkg data synth --domain NAME --num N --size PX --out DIR [--seed S]
     cmkg data convert {rhd,stb,freihand} ROOT --out DIR [--size PX] [--margin M]
                       [--val-fraction F] [--seed S] [--versions g,h,s,a] [--test-fraction F]
-    cmkg train {teacher,student,kd,meta,target} --config FILE|PRESET [--set key=value ...]
-               [--out DIR] [--workers N [--gpus-per-worker G] [--address ADDR]]
-    cmkg tune SPACE.yaml [--config FILE|PRESET] [--set key=value ...] [--out DIR] [--resume]
-              [--storage URL] [--address ADDR] [--trials N] [--time-budget SECONDS]
-    cmkg ablate ABLATION.yaml... [--config FILE|PRESET] [--set key=value ...] [--seeds N]
-                [--address ADDR] [--dry-run] [--report DIR] [--cpus-per-task N]
-                [--gpus-per-task G] [--workers N]
+    cmkg train {teacher,student,kd,meta,target} [CONFIG] [RESOURCES]
+    cmkg tune SPACE.yaml [CONFIG] [--resume] [--storage URL] [--trials N]
+              [--time-budget SECONDS] [--address ADDR] [--cpus-per-worker N] [--gpus-per-worker G]
+    cmkg ablate ABLATION.yaml... [CONFIG] [RESOURCES] [--seeds N] [--dry-run]
+                [--report DIR] [--force]
     cmkg reproduce [same options]             # ablations/table{1,2,3}.yaml, then the report
-    cmkg report [--results DIR] [--out reports]   # tables and figures from the records only
+    cmkg report [--report DIR] [--results DIR]    # tables and figures from the records only
     cmkg report tune SWEEP_DIR [--storage URL]    # trials.parquet and plots from the study only
+    cmkg runs ls [--store DIR] [--stage S] [--where KEY=VALUE ...] [--seed N]
     cmkg eval-predictions --pred P.npy --gt G.npy [--vis V.npy] [--root-relative]
     cmkg figure params --without DIR --with DIR [--prior DIR] --out PNG   # Fig. 5
-    cmkg config show --config FILE|PRESET [--set key=value ...]
+    cmkg config show [CONFIG]
+
+    CONFIG     --config FILE|PRESET (default smoke), --set KEY=VALUE ..., --store DIR
+    RESOURCES  --workers N, --cpus-per-worker N, --gpus-per-worker G, --address ADDR
+
+One spelling per concept: ``--store`` is the artifact store (``run.store``) everywhere,
+``--report`` a report folder, ``--out`` a file or folder a command creates; a *worker* is a
+unit of work with its own CPUs and GPUs: a Ray Train worker, a stage task of the ablation
+runner or a sweep's trial. ``--workers N`` is the number of Ray Train data-parallel workers per
+stage, 0 (the default everywhere) training in-process: in this process, in the stage's Ray task
+or in the trial.
+
+``cmkg reproduce`` and ``cmkg ablate`` write their report and records into
+``{store}/reports/{preset}`` unless ``--report`` names another folder; the committed
+``reports/`` is written only when asked (``--report reports``), and records of another preset
+or other seeds are replaced only with ``--force``.
 
 User errors (bad config, YAML, data, arguments) print one message naming the file and key and
 exit with status 2; nothing half-written is left behind.
@@ -43,27 +57,40 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="a preset (smoke, cpu, paper) or a YAML file (default: smoke)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config entry, e.g. --set optim.lr=1e-3 (repeatable)")
-    p.add_argument("--out", help="artifact store folder (same as --set run.store=DIR)")
+    p.add_argument("--store", help="artifact store: a folder or a URI (same as --set "
+                   "run.store=DIR; default: the config's, runs)")
+
+
+def _add_address_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", help="Ray cluster to join (auto, host:port); default: "
+                   "RAY_ADDRESS, else a local Ray started for this command")
+
+
+def _add_resource_args(p: argparse.ArgumentParser, cpus_default: int | None) -> None:
+    p.add_argument("--workers", type=int, default=0,
+                   help="Ray Train data-parallel workers per stage (default 0: train in-process)")
+    p.add_argument("--cpus-per-worker", type=int, default=cpus_default,
+                   help="CPUs (torch threads) per worker: a stage task, or a Ray Train worker "
+                   f"(default: {cpus_default or 'run.threads, else a share of the cluster'})")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0,
+                   help="GPUs per worker (default 0)")
+    _add_address_arg(p)
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     _add_config_args(p)
+    _add_resource_args(p, cpus_default=1)
     p.add_argument("--seeds", type=int, help="seeds 0..N-1 (default: the ablation file's)")
-    p.add_argument("--address", help="Ray cluster to join (auto, host:port); default: "
-                   "RAY_ADDRESS, else a local Ray started for this command")
     p.add_argument("--dry-run", action="store_true",
                    help="print the cells and stages, cached and to train, and the work; no training")
-    p.add_argument("--report", default="reports", help="report folder (default: reports)")
-    p.add_argument("--cpus-per-task", type=int, default=1,
-                   help="CPUs (torch threads) per stage task (default 1)")
-    p.add_argument("--gpus-per-task", type=float, default=0.0,
-                   help="GPUs per stage task (per Ray Train worker with --workers)")
-    p.add_argument("--workers", type=int, default=1,
-                   help="train every stage under Ray Train with N data-parallel workers "
-                   "(default 1: in-process inside its task)")
+    p.add_argument("--report", help="report folder (default: {store}/reports/{preset}; "
+                   "the committed one is --report reports)")
+    p.add_argument("--force", action="store_true",
+                   help="replace records of another preset or other seeds in the report folder")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from cmkg.config import STAGES
     from cmkg.synth import DOMAINS
 
     parser = _Parser(prog="cmkg", description="Cross-modal knowledge generalization "
@@ -84,13 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert_parser(data)
 
     train = sub.add_parser("train", help="train and evaluate one stage (and its missing inputs)")
-    train.add_argument("stage", choices=["teacher", "student", "kd", "meta", "target"])
+    train.add_argument("stage", choices=list(STAGES))
     _add_config_args(train)
-    train.add_argument("--workers", type=int, default=0,
-                       help="Ray Train data-parallel workers; 0 (default) trains in-process")
-    train.add_argument("--gpus-per-worker", type=float, default=0.0)
-    train.add_argument("--address", help="Ray cluster to join (auto, host:port); default: "
-                       "RAY_ADDRESS, else a local Ray started for this command")
+    _add_resource_args(train, cpus_default=None)
 
     tune = sub.add_parser("tune", help="hyperparameter sweep: Ray Tune trials, Optuna sampling")
     tune.add_argument("space", help="search-space YAML (see tune_spaces/)")
@@ -98,11 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--resume", action="store_true",
                       help="continue the sweep this command started before")
     tune.add_argument("--storage", help="Optuna storage URL (default: SQLite beside the results)")
-    tune.add_argument("--address", help="Ray cluster to join (auto, host:port); default: "
-                      "RAY_ADDRESS, else a local Ray started for this command")
+    _add_address_arg(tune)
     tune.add_argument("--trials", type=int, help="number of trials (overrides the space's)")
     tune.add_argument("--time-budget", type=float, metavar="SECONDS",
                       help="stop the sweep after this many seconds (overrides time_budget_s)")
+    tune.add_argument("--cpus-per-worker", type=int,
+                      help="CPUs per trial (overrides the space's cpus_per_worker)")
+    tune.add_argument("--gpus-per-worker", type=float,
+                      help="GPUs per trial (overrides the space's gpus_per_worker)")
 
     ablate = sub.add_parser("ablate", help="regenerate a table of the paper: rows x seeds, "
                             "shared stages trained once, records and the report")
@@ -113,15 +139,28 @@ def build_parser() -> argparse.ArgumentParser:
     repro.add_argument("--ablations", default=None,
                        help="folder of the ablation files (default: ablations/ of this checkout)")
     _add_run_args(repro)
-    rep = sub.add_parser("report", help="rebuild reports/ from the stored result records only; "
-                         "`report tune SWEEP_DIR`: a sweep's trials.parquet and plots")
+    rep = sub.add_parser("report", help="rebuild a report folder's tables and figures from its "
+                         "stored result records only; `report tune SWEEP_DIR`: a sweep's "
+                         "trials.parquet and plots")
     rep.add_argument("mode", nargs="?", choices=["tune"],
                      help="tune: rebuild a sweep's trials.parquet and plots from its study")
     rep.add_argument("sweep", nargs="?", help="the sweep folder ({run.store}/_tune/NAME)")
-    rep.add_argument("--results", default=None, help="records folder (default: OUT/results)")
-    rep.add_argument("--out", default="reports", help="report folder (default: reports)")
+    rep.add_argument("--report", default="reports", help="report folder (default: reports)")
+    rep.add_argument("--results", default=None,
+                     help="records folder (default: REPORT/results)")
     rep.add_argument("--storage", help="report tune: Optuna storage URL (default: the sweep "
                      "folder's optuna.db)")
+
+    runs = sub.add_parser("runs", help="find finished artifacts in a store").add_subparsers(
+        dest="runs_command", required=True, parser_class=_Parser)
+    ls = runs.add_parser("ls", help="list artifacts: key, stage, seed, test EPE, date and the "
+                         "config entries that differ from their preset")
+    ls.add_argument("--store", help="artifact store (default: the config's run.store, runs)")
+    ls.add_argument("--config", default=None, help="take run.store from this preset or file")
+    ls.add_argument("--stage", choices=list(STAGES), help="only this stage")
+    ls.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
+                    help="only artifacts whose config has KEY=VALUE (repeatable)")
+    ls.add_argument("--seed", type=int, help="only this run.seed")
 
     ev = sub.add_parser("eval-predictions", help="EPE / PCK / AUC of saved predictions as JSON")
     ev.add_argument("--pred", required=True, help="(N, 21, 3) predictions, mm")
@@ -203,10 +242,24 @@ def _cmd_data(args) -> int:
 def _load_config(args):
     from cmkg import config
 
-    overrides = list(args.overrides)
-    if args.out:
-        overrides.append(f"run.store={args.out}")
-    return config.load(args.config, overrides)
+    return config.load(args.config, _overrides(args))
+
+
+def _overrides(args) -> list[str]:
+    """--set entries, then --store (and, for train, --cpus-per-worker) as config entries."""
+    out = list(args.overrides) + ([f"run.store={args.store}"] if args.store else [])
+    if args.command == "train" and args.cpus_per_worker is not None:
+        out.append(f"run.threads={args.cpus_per_worker}")
+    return out
+
+
+def _check_resources(args) -> None:
+    bad = [f"--{k.replace('_', '-')} {v}" for k, v, low in (
+        ("workers", args.workers, 0), ("cpus_per_worker", args.cpus_per_worker, 1),
+        ("gpus_per_worker", args.gpus_per_worker, 0)) if v is not None and v < low]
+    if bad:
+        raise UserError(f"{', '.join(bad)}: --workers must be >= 0, --cpus-per-worker >= 1 and "
+                        "--gpus-per-worker >= 0")
 
 
 def _cmd_synth(args) -> int:
@@ -248,10 +301,10 @@ def _summary(cfg, stage: str) -> str:
 def _cmd_tune(args) -> int:
     from cmkg.cluster.tune import run_tune
 
-    overrides = list(args.overrides) + ([f"run.store={args.out}"] if args.out else [])
-    summary = run_tune(args.space, args.config, overrides, resume=args.resume,
+    summary = run_tune(args.space, args.config, _overrides(args), resume=args.resume,
                        storage=args.storage, address=args.address, trials=args.trials,
-                       time_budget_s=args.time_budget)
+                       time_budget_s=args.time_budget, cpus_per_worker=args.cpus_per_worker,
+                       gpus_per_worker=args.gpus_per_worker)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -259,9 +312,8 @@ def _cmd_tune(args) -> int:
 def _cmd_train(args) -> int:
     from cmkg.stages import run_stage
 
+    _check_resources(args)
     cfg = _load_config(args)
-    if args.workers < 0 or args.gpus_per_worker < 0:
-        raise UserError("--workers and --gpus-per-worker must be >= 0")
     if args.workers == 0:
         run_stage(args.stage, cfg)
     else:
@@ -288,22 +340,33 @@ def _cmd_ablate(args) -> int:
 
     from cmkg import ablation
 
-    if args.cpus_per_task < 1 or args.gpus_per_task < 0 or args.workers < 1:
-        raise UserError("--cpus-per-task and --workers must be >= 1 and --gpus-per-task >= 0")
-    overrides = list(args.overrides) + ([f"run.store={args.out}"] if args.out else [])
+    _check_resources(args)
+    overrides = _overrides(args)
+    report = args.report or _default_report(args.config, overrides)
     execute = None
     if not args.dry_run:
         from cmkg.cluster.ablate import execute as ray_execute
 
-        execute = functools.partial(ray_execute, address=args.address, cpus=args.cpus_per_task,
-                                    gpus=args.gpus_per_task, workers=args.workers)
+        execute = functools.partial(ray_execute, address=args.address,
+                                    cpus_per_worker=args.cpus_per_worker,
+                                    gpus_per_worker=args.gpus_per_worker, workers=args.workers)
     return ablation.run(_ablation_files(args), args.config, overrides, seeds=args.seeds,
-                        dry=args.dry_run, report_dir=args.report, execute=execute)
+                        dry=args.dry_run, report_dir=report, force=args.force, execute=execute)
+
+
+def _default_report(config_name: str | None, overrides: list[str]) -> str:
+    """``{store}/reports/{preset}``: a run's report stays beside its artifacts (in the local
+    mirror of a remote store), never in the committed ``reports/`` unless asked."""
+    from cmkg import ablation, config
+    from cmkg.stages import Store
+
+    store = Store.of(config.load(config_name, overrides))
+    return str(store.root / "reports" / (ablation.preset_of(config_name) or "custom"))
 
 
 def _cmd_report(args) -> int:
     if args.mode == "tune":
-        from cmkg.cluster.tune import report_tune
+        from cmkg.cluster.tune_results import report_tune
 
         if not args.sweep:
             raise UserError("cmkg report tune: name the sweep folder ({run.store}/_tune/NAME)")
@@ -312,9 +375,18 @@ def _cmd_report(args) -> int:
         return 0
     from cmkg.report import render_reports
 
-    out = Path(args.out)
+    out = Path(args.report)
     for path in render_reports(Path(args.results) if args.results else out / "results", out):
         print(path)
+    return 0
+
+
+def _cmd_runs(args) -> int:
+    from cmkg import config, runs
+
+    store = args.store or config.load(args.config).run.store
+    entries = runs.select(runs.index(store), stage=args.stage, where=args.where, seed=args.seed)
+    print(runs.format_table(entries))
     return 0
 
 
@@ -370,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"data": _cmd_data, "train": _cmd_train, "tune": _cmd_tune,
                 "ablate": _cmd_ablate, "reproduce": _cmd_ablate, "report": _cmd_report,
-                "eval-predictions": _cmd_eval,
+                "runs": _cmd_runs, "eval-predictions": _cmd_eval,
                 "figure": _cmd_figure, "config": _cmd_config_show}
     try:
         return handlers[args.command](args)

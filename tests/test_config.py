@@ -77,7 +77,7 @@ def test_cli_bad_config_exits_2_without_traceback_or_output(tmp_path):
     bad.write_text("optim: {lr: zero}\n")
     store = tmp_path / "runs"
     proc = subprocess.run(
-        [sys.executable, "-m", "cmkg", "train", "teacher", "--config", str(bad), "--out", str(store)],
+        [sys.executable, "-m", "cmkg", "train", "teacher", "--config", str(bad), "--store", str(store)],
         capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2
     assert "optim.lr: expected float, got 'zero'" in proc.stderr and str(bad) in proc.stderr

@@ -72,7 +72,7 @@ def test_cli_a_crash_in_a_ray_task_keeps_its_traceback(tmp_path, monkeypatch):
 
     monkeypatch.setattr(stages, "run_stage", crash)
     with pytest.raises(ZeroDivisionError):  # not swallowed into a one-line message
-        cli.main(["train", "teacher", "--out", str(tmp_path / "runs")])
+        cli.main(["train", "teacher", "--store", str(tmp_path / "runs")])
 
 
 def test_truncated_shard_under_ray_train_stops_on_the_driver(truncated, tmp_path, capsys):
@@ -82,7 +82,7 @@ def test_truncated_shard_under_ray_train_stops_on_the_driver(truncated, tmp_path
     assert "train-00000.parquet: checksum mismatch" in str(in_process.value)
     capsys.readouterr()
     runs = tmp_path / "runs"
-    assert cli.main(["train", "teacher", "--workers", "1", "--out", str(runs),
+    assert cli.main(["train", "teacher", "--workers", "1", "--store", str(runs),
                      "--set", f"data.source.path={truncated}",
                      "--set", f"data.root={tmp_path / 'data'}", "--set", "run.threads=1"]) == 2
     assert _one_error_line(capsys.readouterr().err) == f"cmkg: error: {in_process.value}"
@@ -97,7 +97,7 @@ def test_diverging_loss_in_a_ray_train_worker_is_one_line_and_not_retried(tmp_pa
     env["RAY_DEDUP_LOGS"] = "0"  # count every attempt's lines
     runs = tmp_path / "runs"
     proc = subprocess.run(
-        [sys.executable, "-m", "cmkg", "train", "teacher", "--workers", "1", "--out", str(runs),
+        [sys.executable, "-m", "cmkg", "train", "teacher", "--workers", "1", "--store", str(runs),
          "--set", f"data.root={tmp_path / 'data'}", "--set", "data.source.num=64",
          "--set", "optim.batch_size=16", "--set", "epochs.teacher=1",
          "--set", "run.threads=1", "--set", "run.progress=none", "--set", "optim.lr=1e8"],

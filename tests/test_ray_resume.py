@@ -16,7 +16,7 @@ pytestmark = pytest.mark.ray
 def test_an_interrupted_ray_run_resumes_when_rerun(tmp_path, registered_epoch):
     """Interrupt `cmkg train --workers 1` after two checkpoints; the same command resumes."""
     cmd = [sys.executable, "-m", "cmkg", "train", "teacher", "--config", "smoke", "--workers", "1",
-           "--out", str(tmp_path / "runs"), "--set", f"data.root={tmp_path / 'data'}",
+           "--store", str(tmp_path / "runs"), "--set", f"data.root={tmp_path / 'data'}",
            "--set", "data.source.num=240", "--set", "optim.batch_size=16",
            "--set", "epochs.teacher=25", "--set", "run.progress=lines"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}

@@ -174,3 +174,18 @@ def test_remote_store_is_listed_from_its_uri(store, s3_uri):
     e = runs.select(entries, where=["optim.lr=3e-3"])[0]
     assert e.path == f"s3://{base}/student/{arts['fast'].key[:20]}" and "test" not in e.path
     assert e.test_epe_mm == arts["fast"].metrics["test"]["epe_mm"]
+
+
+def test_cmkg_runs_ls_finds_a_stage_by_a_config_entry(store, capsys):
+    """The command users run to find the key to pass on: one line, the fast student's."""
+    from cmkg import cli
+
+    root, arts = store
+    assert cli.main(["runs", "ls", "--store", str(root), "--where", "optim.lr=0.003"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and lines[1].split()[:3] == [arts["fast"].key[:20], "student", "0"]
+    assert cli.main(["runs", "ls", "--store", str(root), "--stage", "teacher"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [ln.split()[0] for ln in lines[1:]] == [arts["teacher"].key[:20]]
+    assert cli.main(["runs", "ls", "--store", str(root), "--where", "optim.lrr=1"]) == 2
+    assert "optim.lrr" in capsys.readouterr().err

@@ -65,7 +65,7 @@ def test_every_table2_regularizer_runs_on_the_target(tiny, form):
 
 def test_cli_target_with_explicit_prior_and_bad_inputs(tiny, tmp_path, capsys):
     prior = stages.run_stage("meta", tiny)
-    base = ["train", "target", "--config", "smoke", "--out", tiny.run.store,
+    base = ["train", "target", "--config", "smoke", "--store", tiny.run.store,
             "--set", f"data.root={tiny.data.root}", "--set", "run.progress=none",
             "--set", "data.source.num=200", "--set", "data.target.num=120",
             "--set", "optim.batch_size=16", "--set", "epochs.target=1"]

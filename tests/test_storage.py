@@ -109,7 +109,7 @@ def test_dataset_and_prior_by_uri(s3_uri, tiny_cfg, tmp_path):
 
 def test_unusable_store_uri_is_a_user_error(tmp_path, capsys):
     code = cli.main(["train", "teacher", "--config", "smoke", "--set", "run.progress=none",
-                     "--set", f"data.root={tmp_path}", "--out", "nosuchscheme://bucket/runs"])
+                     "--set", f"data.root={tmp_path}", "--store", "nosuchscheme://bucket/runs"])
     assert code == 2
     err = capsys.readouterr().err
     assert "run.store='nosuchscheme://bucket/runs'" in err and "Traceback" not in err

@@ -92,7 +92,7 @@ def test_cli_diverging_loss_is_one_message_exit_2_and_no_partial(tmp_path, capsy
     stage's partial folder (its checkpoint) is gone, so nothing resumes the diverged run."""
     from cmkg import cli
 
-    args = ["train", "teacher", "--config", "smoke", "--out", str(tmp_path / "runs"),
+    args = ["train", "teacher", "--config", "smoke", "--store", str(tmp_path / "runs"),
             "--set", f"data.root={tmp_path / 'data'}", "--set", "run.progress=none",
             "--set", "data.source.num=120", "--set", "optim.batch_size=16",
             "--set", "epochs.teacher=2", "--set", "run.threads=1", "--set", "optim.lr=1e8"]
@@ -136,7 +136,7 @@ def test_stage_pipeline_caches_and_records_provenance(tiny_cfg, capsys):
 def test_cli_train_prints_the_stages_side_by_side(tiny_cfg, tmp_path, capsys):
     from cmkg import cli
 
-    args = ["train", "kd", "--config", "smoke", "--out", str(tmp_path / "runs"),
+    args = ["train", "kd", "--config", "smoke", "--store", str(tmp_path / "runs"),
             "--set", f"data.root={tmp_path / 'data'}", "--set", "run.progress=none",
             "--set", "data.source.num=240", "--set", "data.target.num=120",
             "--set", "optim.batch_size=16", "--set", "epochs.teacher=1",

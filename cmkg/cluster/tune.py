@@ -64,6 +64,7 @@ from cmkg.cluster.tune_results import (
     write_results,
 )
 from cmkg.config import Config
+from cmkg.console import duration
 from cmkg.errors import UserError
 
 # names callers imported from here before the split into spaces / tune_results / ray_compat;
@@ -74,11 +75,6 @@ __all__ = ["PLOTS", "REPORTED", "Param", "Progress", "Space", "experiment_name",
 
 
 # -- progress ---------------------------------------------------------------------------------
-
-def duration(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
 
 def describe_params(params: dict) -> str:
     """``regularizer.form=l2 sigma=3.1e-05``: a key's section is named once in a row."""
