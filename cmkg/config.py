@@ -12,7 +12,6 @@ Loading is strict and reports every problem at once, each with its dotted key: u
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import types
@@ -24,10 +23,10 @@ import yaml
 
 from cmkg.errors import ConfigError
 from cmkg.storage import is_uri
+from cmkg.yamlfile import read_mapping, unknown_keys
 
 PRESET_DIR = Path(__file__).parent / "presets"
 PRESETS = ("smoke", "cpu", "paper")
-STAGES = ("teacher", "student", "kd", "meta", "target")
 
 
 @dataclass
@@ -71,6 +70,10 @@ class EpochsConfig:
     kd: int = 100
     meta: int = 100  # Algorithm 1 runs during the student's distillation fine-tuning (Sect. 5.1)
     target: int = 100
+
+
+# the stages, in dependency order: one epochs entry each (what each stage is: cmkg.stages.defs)
+STAGES = tuple(f.name for f in dataclasses.fields(EpochsConfig))
 
 
 @dataclass
@@ -213,12 +216,10 @@ def _build(obj, data: dict, prefix: str, problems: list[str]):
     obj = dataclasses.replace(obj)
     hints = typing.get_type_hints(type(obj))
     names = [f.name for f in dataclasses.fields(obj)]
+    unknown_keys(data, names, prefix, problems)
     for k, v in data.items():
         key = f"{prefix}.{k}" if prefix else str(k)
         if k not in names:
-            near = difflib.get_close_matches(str(k), names, n=1)
-            hint = f" (did you mean {near[0]!r}?)" if near else f"; known keys: {', '.join(names)}"
-            problems.append(f"{key}: unknown key{hint}")
             continue
         value = _coerce(v, hints[k], key, problems, getattr(obj, k))
         if value is not _INVALID:
@@ -339,20 +340,6 @@ def validate(cfg: Config) -> list[str]:
 # Loading
 # ---------------------------------------------------------------------------------------------
 
-def _read_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise ConfigError(str(path), ["file not found"])
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(str(path), [f"not valid YAML: {e}"]) from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(str(path), [f"top level must be a mapping, got {type(data).__name__}"])
-    return data
-
-
 def nest(dotted: dict) -> dict:
     """``{"optim.lr": 1e-3, "data.augment": {...}}`` -> ``{"optim": {"lr": 1e-3}, ...}``."""
     out: dict = {}
@@ -407,14 +394,14 @@ def load(config: str | None = None, overrides: list[str] | None = None,
         source = f"preset {config}"
     else:
         path = Path(config)
-        user = _read_yaml(path)
+        user = read_mapping(path)
         source = str(path)
     preset = user.get("preset")
     if preset is not None:
         if preset not in PRESETS:
             raise ConfigError(source, [f"preset: must be one of {', '.join(PRESETS)}, got {preset!r}"])
         layers.append((str(PRESET_DIR / f"{preset}.yaml"),
-                       _read_yaml(PRESET_DIR / f"{preset}.yaml")))
+                       read_mapping(PRESET_DIR / f"{preset}.yaml")))
     layers.append((source, user))
     layers += layers_after or []
     if overrides:
