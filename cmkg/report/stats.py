@@ -8,6 +8,7 @@ finished, with the 95 % Student-t interval
 
 and a verdict: "same direction as the paper" (the interval excludes 0 and has the sign of the
 paper's delta), "opposite to the paper" (excludes 0, other sign) or "inconclusive".
+docs/statistics.md says why, and how to read many such verdicts at once.
 """
 
 from __future__ import annotations
