@@ -336,22 +336,15 @@ def _ablation_files(args) -> list[str]:
 
 
 def _cmd_ablate(args) -> int:
-    import functools
-
     from cmkg import ablation
 
     _check_resources(args)
     overrides = _overrides(args)
-    report = args.report or _default_report(args.config, overrides)
-    execute = None
-    if not args.dry_run:
-        from cmkg.cluster.ablate import execute as ray_execute
-
-        execute = functools.partial(ray_execute, address=args.address,
-                                    cpus_per_worker=args.cpus_per_worker,
-                                    gpus_per_worker=args.gpus_per_worker, workers=args.workers)
     return ablation.run(_ablation_files(args), args.config, overrides, seeds=args.seeds,
-                        dry=args.dry_run, report_dir=report, force=args.force, execute=execute)
+                        dry=args.dry_run, report_dir=args.report or _default_report(
+                            args.config, overrides), force=args.force, address=args.address,
+                        cpus_per_worker=args.cpus_per_worker,
+                        gpus_per_worker=args.gpus_per_worker, workers=args.workers)
 
 
 def _default_report(config_name: str | None, overrides: list[str]) -> str:
