@@ -90,12 +90,17 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cmkg.config import STAGES
-    from cmkg.synth import DOMAINS
-
     parser = _Parser(prog="cmkg", description="Cross-modal knowledge generalization "
                      "(Knowledge as Priors, CVPR 2020)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_data_parsers(sub)
+    _add_training_parsers(sub)
+    _add_result_parsers(sub)
+    return parser
+
+
+def _add_data_parsers(sub) -> None:
+    from cmkg.synth import DOMAINS
 
     data = sub.add_parser("data", help="create datasets").add_subparsers(
         dest="data_command", required=True, parser_class=_Parser)
@@ -107,8 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--seed", type=int, default=0)
     syn.add_argument("--split", type=float, nargs=3, default=[0.8, 0.1, 0.1],
                      metavar=("TRAIN", "VAL", "TEST"))
-
     _add_convert_parser(data)
+    cfg = sub.add_parser("config", help="inspect configs").add_subparsers(
+        dest="config_command", required=True, parser_class=_Parser)
+    show = cfg.add_parser("show", help="print the resolved config as YAML")
+    _add_config_args(show)
+
+
+def _add_training_parsers(sub) -> None:
+    """train, tune, ablate, reproduce."""
+    from cmkg.config import STAGES
 
     train = sub.add_parser("train", help="train and evaluate one stage (and its missing inputs)")
     train.add_argument("stage", choices=list(STAGES))
@@ -139,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     repro.add_argument("--ablations", default=None,
                        help="folder of the ablation files (default: ablations/ of this checkout)")
     _add_run_args(repro)
+
+
+def _add_result_parsers(sub) -> None:
+    """report, runs, eval-predictions, figure."""
+    from cmkg.config import STAGES
+
     rep = sub.add_parser("report", help="rebuild a report folder's tables and figures from its "
                          "stored result records only; `report tune SWEEP_DIR`: a sweep's "
                          "trials.parquet and plots")
@@ -177,12 +196,6 @@ def build_parser() -> argparse.ArgumentParser:
                     help="target stage folder trained with the learned prior")
     f5.add_argument("--prior", help="the meta stage folder holding phi")
     f5.add_argument("--out", required=True, help="PNG to write")
-
-    cfg = sub.add_parser("config", help="inspect configs").add_subparsers(
-        dest="config_command", required=True, parser_class=_Parser)
-    show = cfg.add_parser("show", help="print the resolved config as YAML")
-    _add_config_args(show)
-    return parser
 
 
 # -- cmkg data convert -----------------------------------------------------------------------
