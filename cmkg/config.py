@@ -27,6 +27,8 @@ from cmkg.yamlfile import read_mapping, unknown_keys
 
 PRESET_DIR = Path(__file__).parent / "presets"
 PRESETS = ("smoke", "cpu", "paper")
+SCHEDULES = ("constant", "cosine")  # optim.schedule
+KEEP = ("best_val", "final")  # optim.keep
 
 
 @dataclass
@@ -61,6 +63,12 @@ class OptimConfig:
     lr: float = 2.5e-4
     batch_size: int = 32
     weight_decay: float = 0.0
+    # the paper is silent on a schedule: constant (the default, as before) or cosine, which
+    # decays the rate to 0 over the stage's steps, so its final weights are a settled point
+    schedule: str = "constant"
+    # the weights a stage publishes: those of its best validation epoch (the default, as
+    # before) or the final ones (no selection on a small validation split)
+    keep: str = "best_val"
 
 
 @dataclass
@@ -278,6 +286,10 @@ def validate(cfg: Config) -> list[str]:
     check(cfg.optim.lr > 0, "optim.lr", f"must be > 0, got {cfg.optim.lr}")
     check(cfg.optim.batch_size >= 1, "optim.batch_size", f"must be >= 1, got {cfg.optim.batch_size}")
     check(cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    check(cfg.optim.schedule in SCHEDULES, "optim.schedule",
+          f"must be one of {', '.join(SCHEDULES)}, got {cfg.optim.schedule!r}")
+    check(cfg.optim.keep in KEEP, "optim.keep",
+          f"must be one of {', '.join(KEEP)}, got {cfg.optim.keep!r}")
     for stage in STAGES:
         n = getattr(cfg.epochs, stage)
         check(n >= 1, f"epochs.{stage}", f"must be >= 1, got {n}")

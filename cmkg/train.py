@@ -175,6 +175,13 @@ def _check_finite(sums: dict[str, Tensor], steps: int, stage: str, epoch: int, *
     return means
 
 
+def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int):
+    """The rate times (1 + cos(pi t / T)) / 2 at step t of T: from the set rate to 0 at the
+    end of the run (``optim.schedule: cosine``); step it once per training step."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total_steps) / total_steps)))
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)  # DDP keeps the real module here
 
@@ -184,14 +191,16 @@ def fit(model: nn.Module, loss_fn: LossFn | None, loader, optimizer: torch.optim
         validate: Callable[[], dict] | None = None, eval_every: int = 1,
         state: FitState | None = None, report: Callable[[FitState], None] | None = None,
         stage: str = "fit", progress: str = "auto", check_every: int = 50,
-        diagnose: Callable[[], dict] | None = None) -> FitState:
+        diagnose: Callable[[], dict] | None = None, scheduler=None,
+        keep: str = "best_val") -> FitState:
     """Train ``model`` on ``loss_fn`` for ``epochs`` epochs, validating and keeping the best.
 
     Each step minimises ``loss_fn(batch)["loss"]`` with ``optimizer``; or, when ``update`` is
     given instead, calls it and lets it apply its own updates (the meta stage's Algorithm 1).
 
-    ``validate()`` returns metrics with ``epe_mm``; the best-EPE weights are kept in
-    ``state.best_state``. ``diagnose()``, if given, runs after every epoch's training steps and
+    ``validate()`` returns metrics with ``epe_mm``; the weights kept in ``state.best_state`` are
+    those of the best validation epoch (``keep="best_val"``) or the final ones (``"final"``).
+    ``scheduler`` (e.g. ``cosine_schedule``), if given, steps after every training step. ``diagnose()``, if given, runs after every epoch's training steps and
     its dict is kept as the epoch record's ``diagnostics`` (``cmkg.diagnostics``: gradient
     shares, the prior's strength); it must leave weights, buffers and RNGs as it found them.
     ``report(state)`` runs after every epoch (checkpointing). Losses are
@@ -222,6 +231,8 @@ def fit(model: nn.Module, loss_fn: LossFn | None, loader, optimizer: torch.optim
                 optimizer.zero_grad(set_to_none=True)
                 parts["loss"].backward()
                 optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             # one stacked add per step keeps the bookkeeping to two small kernels
             stacked = torch.stack([v.detach() for v in parts.values()])
             total = stacked if total is None else total + stacked
@@ -246,7 +257,8 @@ def fit(model: nn.Module, loss_fn: LossFn | None, loader, optimizer: torch.optim
                                      f"(validation EPE {val['epe_mm']}; "
                                      f"{_numerical_hint(stage, {}, lr)})")
             record["val"] = {k: val[k] for k in ("epe_mm", "auc_20_50")}
-            if val["epe_mm"] < state.best_epe:
+            kept = val["epe_mm"] < state.best_epe if keep == "best_val" else epoch == epochs
+            if kept:
                 state.best_epe, state.best_epoch = val["epe_mm"], epoch
                 state.best_state = {k: v.detach().to("cpu", copy=True)
                                     for k, v in _unwrap(model).state_dict().items()}

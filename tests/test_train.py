@@ -149,3 +149,37 @@ def test_cli_train_prints_the_stages_side_by_side(tiny_cfg, tmp_path, capsys):
         name, _, _, _, epe, _, _, path = ln.split()
         recorded = json.loads((Path(path) / "metrics.json").read_text())["test"]["epe_mm"]
         assert float(epe) == pytest.approx(recorded, abs=0.006), name
+
+
+def test_cosine_schedule_decays_the_rate_to_zero_over_the_run():
+    from cmkg.train import cosine_schedule
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = cosine_schedule(opt, total_steps=10)
+    rates = [opt.param_groups[0]["lr"]]
+    for _ in range(12):  # two steps past the end: the rate stays at 0
+        opt.step()
+        sched.step()
+        rates.append(opt.param_groups[0]["lr"])
+    assert rates[0] == pytest.approx(0.1) and rates[5] == pytest.approx(0.05)
+    assert rates[10] == pytest.approx(0.0, abs=1e-12) and rates[12] == pytest.approx(0.0, abs=1e-12)
+    assert all(a >= b for a, b in zip(rates, rates[1:]))
+
+
+def test_keep_final_publishes_the_last_weights_not_the_best_validation_epoch(tiny_data):
+    """A validation that is best at epoch 1 and worse after: best_val keeps epoch 1's weights,
+    final keeps the last epoch's."""
+    kept = {}
+    for keep in ("best_val", "final"):
+        torch.manual_seed(0)
+        model = models.build("resnet10", "depth")
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        epes = iter([1.0, 2.0, 3.0])
+        state = fit(model, regression_objective(model, "depth"), _loader(tiny_data, ("depth",)),
+                    opt, 3, device=torch.device("cpu"), progress="none", keep=keep,
+                    validate=lambda: {"epe_mm": next(epes), "auc_20_50": 0.0})
+        kept[keep] = (state.best_epoch, state.best_epe, state.best_state)
+        final = model.state_dict()
+    assert kept["best_val"][:2] == (1, 1.0) and kept["final"][:2] == (3, 3.0)
+    assert all(torch.equal(kept["final"][2][k], final[k]) for k in final)
+    assert not all(torch.equal(kept["best_val"][2][k], final[k]) for k in final)

@@ -49,16 +49,19 @@ class _Stop(Exception):
     pass
 
 
+@pytest.mark.parametrize("extra", [[], ["optim.schedule=cosine", "optim.keep=final"]],
+                         ids=["constant-best_val", "cosine-final"])
 def test_on_epoch_reports_the_requested_stage_and_a_stopped_stage_resumes_exactly(
-        tmp_path, capsys):
+        tmp_path, capsys, extra):
     """A callback that stops kd after epoch 1 (as Tune does inside its report) leaves kd
-    unpublished; rerun, kd resumes from its checkpoint and ends as an uninterrupted run."""
+    unpublished; rerun, kd resumes from its checkpoint (the learning-rate schedule's position
+    included) and ends as an uninterrupted run."""
     def kd_cfg(store):
         return config.load("smoke", [
             "data.source.num=240", "data.target.num=120", "optim.batch_size=16",
             "data.source.size=32", "data.target.size=32", "epochs.teacher=1", "epochs.student=1",
             "epochs.kd=2", "run.progress=none", "run.threads=1", f"data.root={tmp_path / 'data'}",
-            f"run.store={tmp_path / store}"])
+            f"run.store={tmp_path / store}", *extra])
 
     seen = []
 

@@ -61,6 +61,7 @@ class StageRun:
     wrapped: torch.nn.Module | None = None  # trainable as fit() drives it (DDP under Ray)
     diagnose: Callable[[int], dict] | None = None  # total steps K -> an epoch's diagnostics
     calibration: dict | None = None  # the calibrated prior's scale (target, calibrate_d set)
+    scheduler: object | None = None  # the learning-rate schedule of optimizers[0] (optim.schedule)
 
 
 def build_stage(stage: str, cfg: Config, spec: dict, upstream: dict[str, Artifact],

@@ -49,7 +49,7 @@ def stage_spec(stage: str, cfg: Config, inputs: dict[str, str]) -> dict:
     data = {"train": [dataset_identity(s, cfg) for s in specs],
             "eval": dataset_identity(specs[0], cfg)}
     spec = {"stage": stage, "version": STAGE_VERSION, "data": data, "arch": stage_arch(stage, cfg),
-            "modality": d.modality, "optim": asdict(cfg.optim),
+            "modality": d.modality, "optim": _optim(cfg),
             "epochs": getattr(cfg.epochs, stage), "eval_every": cfg.run.eval_every,
             "seed": cfg.run.seed, "inputs": inputs}
     r = cfg.regularizer
@@ -73,6 +73,16 @@ def stage_spec(stage: str, cfg: Config, inputs: dict[str, str]) -> dict:
     if any(reduction[t] != DEFAULT_REDUCTION[t] for t in terms):
         spec["reduction"] = reduction
     return spec
+
+
+# optim entries added after keys existed: in a stage's key only where they differ from these
+# defaults (the behaviour from before they were a choice), so default runs keep their keys
+OPTIM_SINCE = {"schedule": "constant", "keep": "best_val"}
+
+
+def _optim(cfg: Config) -> dict:
+    return {k: v for k, v in asdict(cfg.optim).items()
+            if k not in OPTIM_SINCE or v != OPTIM_SINCE[k]}
 
 
 def _explicit_input(dep: str, cfg: Config) -> str | None:

@@ -32,7 +32,7 @@ from cmkg.stages.artifacts import Artifact, Store, code_version, writer_lock
 from cmkg.stages.build import StageRun, build_stage, make_loaders
 from cmkg.stages.defs import DEFS
 from cmkg.stages.plan import Node, plan
-from cmkg.train import FitState, evaluate, fit
+from cmkg.train import FitState, cosine_schedule, evaluate, fit
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -75,9 +75,12 @@ class PartialFolder:
 
 def checkpoint_blob(run: StageRun, key: str, state: FitState, gen: torch.Generator) -> dict:
     """Everything a resumed run needs: model(s), optimizers, phi, fit state, RNG states."""
-    return {"key": key, "model": run.trainable.state_dict(),
+    blob = {"key": key, "model": run.trainable.state_dict(),
             "optimizers": [o.state_dict() for o in run.optimizers], "state": state,
             "loader_rng": gen.get_state(), "torch_rng": torch.get_rng_state()}
+    if run.scheduler is not None:
+        blob["scheduler"] = run.scheduler.state_dict()
+    return blob
 
 
 def restore(run: StageRun, blob: dict, key: str, gen: torch.Generator) -> FitState | None:
@@ -87,6 +90,8 @@ def restore(run: StageRun, blob: dict, key: str, gen: torch.Generator) -> FitSta
     run.trainable.load_state_dict(blob["model"])
     for opt, st in zip(run.optimizers, blob["optimizers"]):
         opt.load_state_dict(st)
+    if run.scheduler is not None:
+        run.scheduler.load_state_dict(blob["scheduler"])
     gen.set_state(blob["loader_rng"])
     torch.set_rng_state(blob["torch_rng"])
     return blob["state"]
@@ -115,6 +120,8 @@ def train_node(node: Node, upstream: dict[str, Artifact], store: Store, *,
     train_loader, val_loader, test_loader = make_loaders(run, cfg, device, gen)
     if prepare_loader is not None:
         train_loader = prepare_loader(train_loader)
+    if cfg.optim.schedule == "cosine":  # over this run's steps (per worker under Ray Train)
+        run.scheduler = cosine_schedule(run.optimizers[0], spec["epochs"] * len(train_loader))
 
     # -- resume ----------------------------------------------------------------------------------
     state = FitState()
@@ -158,7 +165,7 @@ def fit_stage(run: StageRun, cfg: Config, spec: dict, train_loader, val_loader,
                device=device, update=run.update,
                validate=lambda: evaluate(run.model, val_loader, DEFS[run.stage].modality, device),
                eval_every=cfg.run.eval_every, state=state, report=report, stage=run.stage,
-               progress=cfg.run.progress,
+               progress=cfg.run.progress, scheduler=run.scheduler, keep=cfg.optim.keep,
                diagnose=None if run.diagnose is None else lambda: run.diagnose(total_steps))
 
 
