@@ -10,6 +10,7 @@ from cmkg import config as config_mod
 from cmkg import stages
 from cmkg.errors import ConfigError
 from cmkg.report.figures import check_figures
+from cmkg.report.stats import KINDS
 from cmkg.yamlfile import is_int, is_number, mapping, number, read_mapping, unknown_keys
 
 FILE_KEYS = ("table", "title", "caption", "regenerates", "seeds", "set", "scale", "columns",
@@ -185,38 +186,66 @@ def _choose(value, key: str, problems: list[str]) -> dict | None:
     return {"key": value["key"], "values": list(values)} if ok else None
 
 
+def _kind(entry: dict, where: str, p: list[str]) -> str:
+    """A comparison's ``kind``: ``method`` (a claim of the paper's method; the default) or
+    ``sanity`` (a property of the data, e.g. the depth teacher against the RGB student)."""
+    kind = entry.get("kind", KINDS[0])
+    if kind not in KINDS:
+        p.append(f"{where}.kind: must be one of {', '.join(KINDS)}, got {kind!r}")
+        return KINDS[0]
+    return kind
+
+
 def _comparisons(data: dict, columns: dict[str, Column], rows: list[Row],
                  p: list[str]) -> list[dict]:
-    """Every paired comparison as {a: [row, col], b: [row, col], metric, paper_delta}."""
+    """Every paired comparison as {a: [row, col], b: [row, col], metric, paper_delta, kind}.
+
+    ``baseline_row: row`` or ``{row: row, kind: ...}``; ``compare_columns`` entries
+    ``[column, column]`` or ``{columns: [column, column], kind: ...}``; ``compare`` entries
+    ``{a: [row, column], b: [row, column], kind: ...}``. ``kind`` is ``method`` or ``sanity``
+    (``cmkg.report.stats.KINDS``; ``method`` when omitted)."""
     labels = [r.label for r in rows]
-    pairs: list[tuple[tuple[str, str], tuple[str, str]]] = []
+    pairs: list[tuple[tuple[str, str], tuple[str, str], str]] = []
     base = data.get("baseline_row")
     if base is not None:
+        kind = KINDS[0]
+        if isinstance(base, dict):
+            unknown_keys(base, ("row", "kind"), "baseline_row", p)
+            kind, base = _kind(base, "baseline_row", p), base.get("row")
         if base not in labels:
             p.append(f"baseline_row: {base!r} is not a row label")
         else:
-            pairs += [((r, c), (base, c)) for r in labels if r != base for c in columns]
+            pairs += [((r, c), (base, c), kind) for r in labels if r != base for c in columns]
     for i, pair in enumerate(data.get("compare_columns") or []):
+        where, kind = f"compare_columns[{i}]", KINDS[0]
+        if isinstance(pair, dict):
+            unknown_keys(pair, ("columns", "kind"), where, p)
+            kind, pair = _kind(pair, where, p), pair.get("columns")
         if (not isinstance(pair, list) or len(pair) != 2
                 or any(c not in columns for c in pair)):
-            p.append(f"compare_columns[{i}]: must be [column, column] of {', '.join(columns)}")
+            p.append(f"{where}: must be [column, column] or {{columns: [column, column], "
+                     f"kind: ...}} of {', '.join(columns)}")
             continue
-        pairs += [((r, pair[0]), (r, pair[1])) for r in labels]
+        pairs += [((r, pair[0]), (r, pair[1]), kind) for r in labels]
     for i, cmp in enumerate(data.get("compare") or []):
-        cmp = mapping(cmp, f"compare[{i}]", p)
+        where = f"compare[{i}]"
+        cmp = mapping(cmp, where, p)
+        unknown_keys(cmp, ("a", "b", "kind"), where, p)
+        kind = _kind(cmp, where, p)
         ok = all(isinstance(cmp.get(s), list) and len(cmp[s]) == 2 and cmp[s][0] in labels
                  and cmp[s][1] in columns for s in ("a", "b"))
-        if not ok or set(cmp) != {"a", "b"}:
-            p.append(f"compare[{i}]: must be {{a: [row, column], b: [row, column]}}")
+        if not ok:
+            p.append(f"{where}: must be {{a: [row, column], b: [row, column], kind: ...}}")
             continue
-        pairs.append((tuple(cmp["a"]), tuple(cmp["b"])))
+        pairs.append((tuple(cmp["a"]), tuple(cmp["b"]), kind))
     out = []
-    for a, b in pairs:
+    for a, b, kind in pairs:
         for metric in columns[a[1]].metrics:
             if metric not in columns[b[1]].metrics:
                 continue
             pa = next(r for r in rows if r.label == a[0]).paper.get(a[1], {}).get(metric)
             pb = next(r for r in rows if r.label == b[0]).paper.get(b[1], {}).get(metric)
             delta = None if pa is None or pb is None else round(pa - pb, 6)
-            out.append({"a": list(a), "b": list(b), "metric": metric, "paper_delta": delta})
+            out.append({"a": list(a), "b": list(b), "metric": metric, "paper_delta": delta,
+                        "kind": kind})
     return out

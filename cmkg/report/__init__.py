@@ -9,7 +9,7 @@ preset, the figures it draws) as JSON under the schema metadata key ``cmkg.table
 ``README.md`` index.
 
     records.py   the record schema, Parquet write/read, spec checks, the failed record
-    stats.py     cell summaries, the paired Student-t interval and its verdict
+    stats.py     cell summaries, paired intervals, relative effects, t-tests, Holm, verdicts
     format.py    numbers, intervals, Markdown and CSV as every file writes them
     tables.py    one table's Markdown and CSV files
     figures.py   Figures 4 and 5 (from the records, or from stage folders), histograms
@@ -42,13 +42,26 @@ from cmkg.report.records import (
     write_records,
 )
 from cmkg.report.render import render_reports
-from cmkg.report.stats import INCONCLUSIVE, OPPOSITE, SAME, paired_interval, verdict
+from cmkg.report.stats import (
+    INCONCLUSIVE,
+    KINDS,
+    NO_EFFECT_CLAIMED,
+    OPPOSITE,
+    SAME,
+    SMALLER,
+    evaluate,
+    holm,
+    paired_interval,
+    t_test,
+    verdict,
+)
 from cmkg.report.tables import comparisons_csv, table_csv, table_markdown
 
 __all__ = [
-    "BINS", "FIGURES", "INCONCLUSIVE", "METRICS", "OPPOSITE", "SAME", "SCHEMA", "SPEC_KEY",
-    "check_figures", "comparisons_csv", "failed_record", "fig5_from_artifacts", "figure4",
-    "figure5", "flat_weights", "histogram", "load_records", "paired_interval",
-    "parameter_histograms", "read_records", "read_spec", "readme_markdown", "render_reports",
-    "replace_spec", "spec_problems", "table_csv", "table_markdown", "verdict", "write_records",
+    "BINS", "FIGURES", "INCONCLUSIVE", "KINDS", "METRICS", "NO_EFFECT_CLAIMED", "OPPOSITE",
+    "SAME", "SCHEMA", "SMALLER", "SPEC_KEY", "check_figures", "comparisons_csv", "evaluate",
+    "failed_record", "fig5_from_artifacts", "figure4", "figure5", "flat_weights", "histogram",
+    "holm", "load_records", "paired_interval", "parameter_histograms", "read_records",
+    "read_spec", "readme_markdown", "render_reports", "replace_spec", "spec_problems",
+    "t_test", "table_csv", "table_markdown", "verdict", "write_records",
 ]

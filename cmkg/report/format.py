@@ -43,6 +43,27 @@ def interval(c: dict) -> str:
     return f"[{number(c['lo'], c['metric'], True)}, {number(c['hi'], c['metric'], True)}]"
 
 
+def percent(x: float | None) -> str:
+    """A relative effect as a signed percentage ("-1.3 %"); "—" for none."""
+    return "—" if x is None else f"{100.0 * x:+.1f} %"
+
+
+def relative(c: dict) -> str:
+    """A comparison's relative effect with its interval, "-1.3 % [-6.1, +3.4]"; "—" without."""
+    if c["rel"] is None:
+        return "—"
+    if c["rel_lo"] is None:
+        return percent(c["rel"])
+    return f"{percent(c['rel'])} [{100.0 * c['rel_lo']:+.1f}, {100.0 * c['rel_hi']:+.1f}]"
+
+
+def p_value(p: float | None) -> str:
+    """A p-value at three decimals, in scientific notation below 0.001; "—" for none."""
+    if p is None:
+        return "—"
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+
+
 def seeds(found) -> str:
     return ", ".join(str(s) for s in found) if found else "—"
 

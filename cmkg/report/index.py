@@ -1,16 +1,33 @@
-"""The reports folder's ``README.md``: run facts, links to the tables and figures, and what the
-comparisons' verdicts say about the paper's claims."""
+"""The reports folder's ``README.md``: what the comparisons' verdicts say about the paper's
+claims (first: which hold, which are refuted and at what size, which this benchmark cannot
+tell), then run facts, links to the tables and figures, and notes."""
 
 from __future__ import annotations
 
 from cmkg.console import clock
 from cmkg.report import stats
-from cmkg.report.format import comparison_label, interval, md_table, number, seeds
+from cmkg.report.format import (
+    comparison_label,
+    interval,
+    md_table,
+    number,
+    p_value,
+    percent,
+    relative,
+    seeds,
+)
 from cmkg.report.records import METRICS
+from cmkg.report.tables import verdict_text
 
-GROUPS = ("Reproduced (same direction as the paper)", "Contradicted (opposite to the paper)",
-          "Inconclusive (the interval contains 0, or fewer than 2 paired seeds)",
-          "No paper delta to compare")
+TITLE = "# Reports: Knowledge as Priors (CVPR 2020), regenerated from result records\n"
+# the index's groups of comparisons, in its order: (key, heading)
+GROUPS = (("hold", "Hold: same direction as the paper"),
+          ("refuted", "Refuted: opposite to the paper, or smaller than the paper's"),
+          ("cannot", "This benchmark cannot tell"),
+          ("no_effect", "No effect claimed by the paper"),
+          ("ours", "Comparisons of ours (no paper delta)"),
+          ("sanity", "Sanity checks of the data (not claims of the method)"),
+          ("twice", "Shown twice: the same cells as a comparison above (not a new confirmation)"))
 
 
 def _stage_runs(records: list[dict]) -> dict[tuple[str, str], float]:
@@ -35,14 +52,12 @@ def _counted(values) -> str:
     return ", ".join(f"`{v}` ({n} cells)" for v, n in sorted(counts.items())) or "—"
 
 
-def _n(count: int, one: str, many: str) -> str:
-    return f"{count} {one if count == 1 else many}"
-
-
 def readme_markdown(tables: dict[str, tuple[dict, list[dict]]], files: dict[str, list[str]],
                     figures: dict[str, str]) -> str:
-    """The index: run facts, links, and a summary written from the comparisons' verdicts."""
-    out = _run_facts(tables)
+    """The index: the claims summary written from the comparisons' verdicts, run facts, links
+    and notes."""
+    evaluated = stats.evaluate(tables)
+    out = [TITLE] + _claims(evaluated) + _run_facts(tables)
     out.append("## Tables\n")
     rows = []
     for name, (spec, records) in tables.items():
@@ -54,7 +69,6 @@ def readme_markdown(tables: dict[str, tuple[dict, list[dict]]], files: dict[str,
     out.append("## Figures\n")
     out.append("".join(f"- [{f}]({f}): {what}\n" for f, what in figures.items())
                or "No figure: no table's spec names one (its ablation file's figures).\n")
-    out += _claims(tables)
     notes = [(spec.get("title") or spec["table"], spec["notes"]) for spec, _ in tables.values()
              if spec.get("notes")]
     if notes:
@@ -75,7 +89,7 @@ def _run_facts(tables: dict[str, tuple[dict, list[dict]]]) -> list[str]:
     failed = sum(r["status"] == "failed" for r in everything)
     runs = _stage_runs(everything)
     total = sum(runs.values())
-    out = ["# Reports: Knowledge as Priors (CVPR 2020), regenerated from result records\n",
+    out = ["## Run\n",
            "Written by `cmkg.report.render_reports` from the stored result records only; "
            "do not edit by hand.\n",
            f"- Preset: {', '.join(f'`{p}`' for p in presets) or '—'}\n"
@@ -98,44 +112,104 @@ def _run_facts(tables: dict[str, tuple[dict, list[dict]]]) -> list[str]:
     return out
 
 
-def _group(verdict: str) -> str:
-    if verdict == stats.SAME:
-        return GROUPS[0]
-    if verdict == stats.OPPOSITE:
-        return GROUPS[1]
-    return GROUPS[2] if verdict.startswith(stats.INCONCLUSIVE) else GROUPS[3]
+def group(c: dict) -> str:
+    """Where the index lists a comparison (a key of ``GROUPS``)."""
+    if c["same_as"] is not None:
+        return "twice"
+    if c["kind"] == stats.SANITY:
+        return "sanity"
+    if c["paper_delta"] is None:
+        return "ours"
+    if c["no_effect"]:
+        return "no_effect"
+    if c["verdict"] == stats.SAME:
+        return "hold"
+    return "refuted" if c["verdict"] in (stats.OPPOSITE, stats.SMALLER) else "cannot"
 
 
-def _claims(tables: dict[str, tuple[dict, list[dict]]]) -> list[str]:
-    """Every comparison of every table, grouped by its verdict, with the counts and a word on
-    multiple comparisons."""
-    comparisons = [c for spec, records in tables.values()
-                   for c in stats.comparisons(spec, stats.cells(spec, records))]
-    groups: dict[str, list[str]] = {name: [] for name in GROUPS}
+def _counts(comparisons: list[dict]) -> str:
+    """"2 same direction as the paper, 1 inconclusive": verdicts and how often, most first
+    ("all ..." when they agree, the verdict alone for one)."""
+    counts: dict[str, int] = {}
     for c in comparisons:
-        iv = "" if c["lo"] is None else f" {interval(c)}"
-        paper = "" if c["paper_delta"] is None else \
-            f"; paper {number(c['paper_delta'], c['metric'], True)}"
-        groups[_group(c["verdict"])].append(
-            f"- [{c['table']}]({c['table']}.md) {comparison_label(c)}, "
+        counts[c["verdict"]] = counts.get(c["verdict"], 0) + 1
+    if len(counts) == 1:
+        return f"all {next(iter(counts))}" if len(comparisons) > 1 else next(iter(counts))
+    return ", ".join(f"{n} {v}" for v, n in sorted(counts.items(), key=lambda x: (-x[1], x[0])))
+
+
+def summary_line(evaluated: dict) -> str:
+    """The index's first line: how many of the paper's method claims hold, are refuted (and
+    how) and cannot be told here, and what the sanity checks of the data say."""
+    groups = {key: [] for key, _ in GROUPS}
+    for c in (c for cs in evaluated["tables"].values() for c in cs):
+        groups[group(c)].append(c)
+    hold, refuted, cannot = (len(groups[k]) for k in ("hold", "refuted", "cannot"))
+    claims = hold + refuted + cannot
+    sanity = groups["sanity"]
+    checks = (f"sanity checks of the data: {len(sanity)}, {_counts(sanity)}" if sanity
+              else "no sanity check of the data")
+    if not claims:
+        return f"No method claim of the paper is tested in these records; {checks}."
+    # "smaller than the paper's" includes effects that differ from 0 in the paper's direction
+    along = sum(c["verdict"] == stats.SMALLER and c["p_holm"] is not None
+                and c["p_holm"] < stats.ALPHA and (c["mean"] > 0) == (c["paper_delta"] > 0)
+                for c in groups["refuted"])
+    how = "" if not refuted else (
+        f" ({_counts(groups['refuted'])}"
+        + (f"; {along} of {'it' if refuted == 1 else 'them'} in the paper's direction"
+           if along else "") + ")")
+    line = (f"Of {claims} method {'claim' if claims == 1 else 'claims'} of the paper tested "
+            f"here: {hold} {'holds' if hold == 1 else 'hold'}, {refuted} "
+            f"{'is' if refuted == 1 else 'are'} refuted{how}, {cannot} this benchmark cannot "
+            f"tell; {checks}.")
+    return ("No method claim of the paper is reproduced in this run. " + line) if not hold \
+        else line
+
+
+def _item(c: dict) -> str:
+    iv = "" if c["lo"] is None else f" {interval(c)}"
+    rel = "" if c["rel"] is None else \
+        f", {relative(c)} of {number(c['baseline'], c['metric'])}"
+    paper = "" if c["paper_delta"] is None else (
+        f"; paper {number(c['paper_delta'], c['metric'], True)}"
+        + ("" if c["paper_rel"] is None else
+           f" ({percent(c['paper_rel'])} of {number(c['paper_baseline'], c['metric'])})"))
+    method = c["kind"] == stats.METHOD
+    tests = [(c["p_holm"] if method else c["p"], "= 0"),
+             (c["p_paper_holm"] if method else c["p_paper"], "= paper's")]
+    tests = [f"{p_value(p)} ({null})" for p, null in tests if p is not None]
+    p = "" if c["same_as"] is not None or not tests else \
+        f"; {'Holm p' if method else 'p'} {', '.join(tests)}"
+    return (f"- [{c['table']}]({c['table']}.md) {comparison_label(c)}, "
             f"{METRICS[c['metric']][0]}: ours {number(c['mean'], c['metric'], True)}{iv} "
-            f"(n={c['n']}){paper} → {c['verdict']}\n")
-    counts = [len(groups[n]) for n in GROUPS]
-    out = ["## What this run says about the paper's claims\n",
-           f"Of {len(comparisons)} comparisons (paired a − b over seeds, 95 % Student-t "
-           f"interval): {_n(counts[0], 'reproduces', 'reproduce')} the paper's direction, "
-           f"{_n(counts[1], 'contradicts', 'contradict')} it, "
-           f"{_n(counts[2], 'is', 'are')} inconclusive, "
-           f"{_n(counts[3], 'has', 'have')} no paper delta.\n"]
-    tested = sum(1 for c in comparisons if c["n"] >= 2)
-    if tested:
-        out.append(f"Read these with the number of comparisons in mind: if no effect were real, "
-                   f"about 5 % of the {tested} intervals with n ≥ 2, i.e. "
-                   f"{0.05 * tested:.1f}, would still exclude 0 by chance, and comparisons that "
-                   f"share a cell are not independent. A verdict is evidence when it is large "
-                   f"against its interval and agrees with its neighbours, not on its own.\n")
-    for name in GROUPS:
-        if groups[name]:
-            out.append(f"### {name}\n")
-            out.append("".join(groups[name]))
+            f"(n={c['n']}){rel}{paper}{p} → {verdict_text(c)}\n")
+
+
+def _claims(evaluated: dict) -> list[str]:
+    """The opening: the summary line, how to read it, and every comparison of every table in
+    its group."""
+    comparisons = [c for cs in evaluated["tables"].values() for c in cs]
+    groups: dict[str, list[str]] = {key: [] for key, _ in GROUPS}
+    for c in comparisons:
+        groups[group(c)].append(_item(c))
+    distinct = sum(c["same_as"] is None for c in comparisons)
+    out = [summary_line(evaluated) + "\n",
+           f"A method claim is a paired comparison a − b of two cells on one metric (mean over "
+           f"the seeds both finished, 95 % Student-t interval, and relative to b's mean) where "
+           f"the paper's delta is at least {100 * stats.NO_EFFECT:.0f} % of its baseline value. "
+           f"Comparisons with the same cells (the same stage keys per seed) count once: "
+           f"{distinct} distinct of {len(comparisons)} in the tables. A claim holds where "
+           f"a − b differs from 0 with the paper's sign, and is refuted where it differs "
+           f"against it, or differs from the paper's relative effect on the side of 0 "
+           f"(\"smaller than the paper's\"), each on Holm-adjusted p at {stats.ALPHA} across "
+           f"the {evaluated['method']} distinct method comparisons (a − b = 0) and the "
+           f"{evaluated['sized']} of them where the paper claims an effect (a − b = the "
+           f"paper's relative effect); sanity checks read unadjusted p. How to read it: "
+           f"`docs/statistics.md`.\n",
+           "## The paper's claims in this run\n"]
+    for key, title in GROUPS:
+        if groups[key] or key in ("hold", "refuted", "cannot"):
+            out.append(f"### {title} ({len(groups[key])})\n")
+            out.append("".join(groups[key]) or "None.\n")
     return out

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 from cmkg.atomic import atomic_path
 from cmkg.errors import DataError
 from cmkg.report.figures import check_figures
+from cmkg.report.stats import KINDS
 
 SPEC_KEY = b"cmkg.table"  # schema metadata key of the table spec (JSON)
 
@@ -216,6 +217,8 @@ def spec_problems(spec) -> list[str]:
                 or comp.get("metric") not in METRICS:
             problems.append(f"spec.comparisons[{i}]: expected a and b [row, column] of the "
                             f"spec and a metric of {list(METRICS)}")
+        elif comp.get("kind", KINDS[0]) not in KINDS:  # no kind: records before kinds
+            problems.append(f"spec.comparisons[{i}].kind: expected one of {list(KINDS)}")
     check_figures(spec.get("figures"), [r["label"] for r in rows],
                   [c["name"] for c in columns], "spec.figures", problems)
     return problems

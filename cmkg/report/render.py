@@ -26,12 +26,12 @@ def render_reports(results_dir: str | Path, out_dir: str | Path) -> list[Path]:
     files: dict[str, list[str]] = {}
     for name, (spec, records) in tables.items():
         files[name] = [f"{name}.md", f"{name}.csv"]
-        written.append(_write(out_dir / f"{name}.md", table_markdown(spec, records)))
+        written.append(_write(out_dir / f"{name}.md", table_markdown(spec, records, tables)))
         written.append(_write(out_dir / f"{name}.csv", table_csv(spec, records)))
         if spec.get("comparisons"):
             files[name].append(f"{name}_comparisons.csv")
             written.append(_write(out_dir / f"{name}_comparisons.csv",
-                                  comparisons_csv(spec, records)))
+                                  comparisons_csv(spec, records, tables)))
     figures = {}
     for name, draw in (("figure4.png", figure4), ("figure5.png", figure5)):
         panels = draw(tables, out_dir / name)

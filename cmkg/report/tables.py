@@ -1,25 +1,40 @@
 """One table's files: ``{table}.md`` (the paper's numbers beside ours, comparisons, failures,
 phi across seeds, the regularizer's strength, notes), ``{table}.csv`` and
-``{table}_comparisons.csv``."""
+``{table}_comparisons.csv``.
+
+A table's comparisons are evaluated with the report's other tables (``tables``, default: this
+one alone): Holm's adjustment runs across the method comparisons of all of them, and a
+comparison or cell that is another table's is counted there (``stats.evaluate``)."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from cmkg.report import stats
-from cmkg.report.format import comparison_label, csv_text, interval, md_table, number, ours, seeds
+from cmkg.report.format import (
+    comparison_label,
+    csv_text,
+    interval,
+    md_table,
+    number,
+    ours,
+    p_value,
+    percent,
+    relative,
+    seeds,
+)
 from cmkg.report.records import METRICS
 
 
-def _paper(spec: dict, row: str, column: str, metric: str) -> float | None:
-    for r in spec["rows"]:
-        if r["label"] == row:
-            return ((r.get("paper") or {}).get(column) or {}).get(metric)
-    return None
+def _tables(spec: dict, records: list[dict], tables: dict | None) -> dict:
+    return tables if tables is not None else {spec["table"]: (spec, records)}
 
 
-def table_markdown(spec: dict, records: list[dict]) -> str:
-    """One table as Markdown: the paper's numbers beside ours, comparisons, failures, notes."""
+def table_markdown(spec: dict, records: list[dict], tables: dict | None = None) -> str:
+    """One table as Markdown: the paper's numbers beside ours, comparisons, failures, notes.
+    ``tables``: every table of the report, this one included (``load_records``)."""
+    tables = _tables(spec, records, tables)
+    evaluated = stats.evaluate(tables)
     by_cell = stats.cells(spec, records)
     out = [f"# {spec.get('title') or spec['table']}\n"]
     if spec.get("caption"):
@@ -33,13 +48,18 @@ def table_markdown(spec: dict, records: list[dict]) -> str:
     baseline = _mean_pose_line(spec, by_cell)
     if baseline:
         out.append(baseline)
-    out += _comparisons_section(spec, by_cell)
+    comparisons = evaluated["tables"][spec["table"]]
+    out += _comparisons_section(spec, comparisons)
     out += _failed_section(by_cell)
     out += _phi_section(spec)
     out += _strength_section(spec, records)
-    if spec.get("notes"):
+    notes = list(spec.get("notes") or [])
+    if comparisons:
+        notes.append(_holm_note(evaluated, list(tables)))
+    notes += _shared_notes(spec["table"], stats.shared_cells(tables)[spec["table"]])
+    if notes:
         out.append("## Notes\n")
-        out.append("".join(f"- {n}\n" for n in spec["notes"]))
+        out.append("".join(f"- {n}\n" for n in notes))
     return "\n".join(out)
 
 
@@ -54,7 +74,7 @@ def _numbers(spec: dict, by_cell: dict) -> str:
     for r in spec["rows"]:
         line = [r["label"]]
         for c, m in pairs:
-            line += [number(_paper(spec, r["label"], c["name"], m), m),
+            line += [number(stats.paper_value(spec, (r["label"], c["name"]), m), m),
                      ours(stats.summary(by_cell[(r["label"], c["name"])], m), m)]
         body.append(line)
     return md_table(header, body, right=set(range(1, len(header))))
@@ -85,25 +105,87 @@ def _mean_pose_line(spec: dict, by_cell: dict) -> str:
             "test image: " + "; ".join(parts) + ".\n")
 
 
-def _comparisons_section(spec: dict, by_cell: dict) -> list[str]:
-    comparisons = stats.comparisons(spec, by_cell)
+def reference(c: dict, table: str | None = None) -> str:
+    """A comparison named for a reader of ``table``: its label, after its table's name when
+    that is another table."""
+    return comparison_label(c) if c["table"] == table else f"{c['table']} {comparison_label(c)}"
+
+
+def verdict_text(c: dict) -> str:
+    """A comparison's verdict; for one with another's cells, which one and its verdict there."""
+    if c["same_as"] is None:
+        return c["verdict"]
+    rep = c["same_as"]
+    return (f"same cells as {reference(rep, c['table'])} (n={rep['n']}): counted there, "
+            f"{rep['verdict']}")
+
+
+def _comparison_rows(comparisons: list[dict]) -> list[list[str]]:
+    rows = []
+    for c in comparisons:
+        adjusted = c["kind"] == stats.METHOD
+        rows.append([comparison_label(c), METRICS[c["metric"]][0],
+                     number(c["mean"], c["metric"], True), interval(c), relative(c), str(c["n"]),
+                     number(c["paper_delta"], c["metric"], True), percent(c["paper_rel"]),
+                     p_value(c["p_holm"] if adjusted else c["p"]),
+                     p_value(c["p_paper_holm"] if adjusted else c["p_paper"]), verdict_text(c)])
+    return rows
+
+
+def _comparisons_section(spec: dict, comparisons: list[dict]) -> list[str]:
     if not comparisons:
         return []
     better = spec.get("lower_is_better") or {}
     used = sorted({c["metric"] for c in comparisons}, key=list(METRICS).index)
     sense = "; ".join(f"{METRICS[m][0]}: {'lower' if better[m] else 'higher'} is better"
                       for m in used if m in better)
-    return ["## Comparisons\n",
-            "Paired difference a − b over the seeds where both cells finished, with its "
-            "95 % Student-t interval (n − 1 degrees of freedom). The verdict compares the "
-            "interval with 0 and its sign with the paper's delta."
-            + (f" {sense}." if sense else "") + "\n",
-            md_table(["a − b", "metric", "ours", "95 % interval", "n", "paper", "verdict"],
-                     [[comparison_label(c), METRICS[c["metric"]][0],
-                       number(c["mean"], c["metric"], True), interval(c), str(c["n"]),
-                       number(c["paper_delta"], c["metric"], True), c["verdict"]]
-                      for c in comparisons],
-                     right={2, 4, 5})]
+    out = ["## Comparisons\n",
+           "Paired difference a − b over the seeds where both cells finished, with its "
+           "95 % Student-t interval (n − 1 degrees of freedom), and relative to the baseline b "
+           "(ours: divided by b's mean over those seeds; the paper's: its delta over its b). "
+           "p: paired t-tests of a − b = 0 and of a − b = the paper's relative effect times "
+           "our baseline. The verdict is explained in the notes."
+           + (f" {sense}." if sense else "") + "\n"]
+    header = ["a − b", "metric", "ours", "95 % interval", "relative [95 %]", "n", "paper",
+              "paper relative"]
+    for kind, title, p in ((stats.METHOD, "Claims of the method", "Holm p"),
+                           (stats.SANITY, "Sanity checks of the data (not claims of the method)",
+                            "p")):
+        these = [c for c in comparisons if c["kind"] == kind]
+        if these:
+            out += [f"### {title}\n",
+                    md_table(header + [f"{p} (= 0)", f"{p} (= paper's)", "verdict"],
+                             _comparison_rows(these), right={2, 5, 6, 7, 8, 9})]
+    return out
+
+
+def _holm_note(evaluated: dict, names: list[str]) -> str:
+    return (f"Verdicts: a claim of the method reads Holm-adjusted p-values at {stats.ALPHA}: of "
+            f"a − b = 0 across the {evaluated['method']} distinct method comparisons with n ≥ 2 "
+            f"of {', '.join(names)}, and of a − b = the paper's relative effect across the "
+            f"{evaluated['sized']} of them where the paper claims an effect. \"same direction "
+            f"as the paper\" / \"opposite to the paper\": a − b differs from 0, with / against "
+            f"the paper's sign; \"smaller than the paper's\": it differs from the paper's "
+            f"relative effect, on the side of 0; \"no effect claimed\": the paper's delta is "
+            f"below {100 * stats.NO_EFFECT:.0f} % of its baseline; a comparison of ours (no "
+            f"paper delta): \"lower\" / \"higher\". Sanity checks read unadjusted p. "
+            f"Comparisons with the same cells (the same stage keys per seed) are one, counted "
+            f"where they have the most seeds.")
+
+
+def _shared_notes(table: str, shared: list[dict]) -> list[str]:
+    """Which cells of the table are another cell (the same stage keys per seed)."""
+    out = []
+    for s in shared:
+        other = s["table"] != table
+        of = "" if s["seeds"] == s["of"] else f" (of its {seeds(s['of'])})"
+        whose = f"{s['table']}'s " if other else ""
+        what = (f"reused from {s['table']}, not a new measurement" if other
+                else "one measurement shown twice")
+        out.append(f"{s['cell'][0]} / {s['cell'][1]} is {whose}{s['same'][0]} / "
+                   f"{s['same'][1]} at seeds {seeds(s['seeds'])}{of}: the same stage keys, "
+                   f"{what}")
+    return out
 
 
 def _failed_section(by_cell: dict) -> list[str]:
@@ -183,17 +265,26 @@ def table_csv(spec: dict, records: list[dict]) -> str:
             for m in c["metrics"]:
                 s = stats.summary(by_cell[(r["label"], c["name"])], m)
                 rows.append([spec["table"], r["label"], c["name"], m,
-                             _paper(spec, r["label"], c["name"], m), s["mean"], s["std"], s["n"],
-                             s["failed"], ";".join(str(x) for x in s["seeds"])])
+                             stats.paper_value(spec, (r["label"], c["name"]), m), s["mean"],
+                             s["std"], s["n"], s["failed"], ";".join(str(x) for x in s["seeds"])])
     return csv_text(["table", "row", "column", "metric", "paper", "mean", "std", "n", "failed",
                      "seeds"], rows)
 
 
-def comparisons_csv(spec: dict, records: list[dict]) -> str:
-    """One line per comparison: both cells, n, mean, sd, the interval, the paper's delta,
-    the verdict and the paired seeds."""
-    rows = [[c["table"], *c["a"], *c["b"], c["metric"], c["n"], c["mean"], c["sd"], c["lo"],
-             c["hi"], c["paper_delta"], c["verdict"], ";".join(str(s) for s in c["seeds"])]
-            for c in stats.comparisons(spec, stats.cells(spec, records))]
-    return csv_text(["table", "a_row", "a_column", "b_row", "b_column", "metric", "n", "mean",
-                     "sd", "lo", "hi", "paper_delta", "verdict", "seeds"], rows)
+def comparisons_csv(spec: dict, records: list[dict], tables: dict | None = None) -> str:
+    """One line per comparison: both cells, its kind, n, mean, sd, the interval, the baseline
+    and the relative effect with its interval, the paper's delta, baseline and relative effect,
+    the raw and Holm-adjusted p-values, the comparison whose cells it has (if any), the verdict
+    and the paired seeds."""
+    evaluated = stats.evaluate(_tables(spec, records, tables))
+    rows = [[c["table"], *c["a"], *c["b"], c["metric"], c["kind"], c["n"], c["mean"], c["sd"],
+             c["lo"], c["hi"], c["baseline"], c["rel"], c["rel_lo"], c["rel_hi"],
+             c["paper_delta"], c["paper_baseline"], c["paper_rel"], c["p"], c["p_holm"],
+             c["p_paper"], c["p_paper_holm"],
+             None if c["same_as"] is None else reference(c["same_as"]), c["verdict"],
+             ";".join(str(s) for s in c["seeds"])]
+            for c in evaluated["tables"][spec["table"]]]
+    return csv_text(["table", "a_row", "a_column", "b_row", "b_column", "metric", "kind", "n",
+                     "mean", "sd", "lo", "hi", "baseline", "rel", "rel_lo", "rel_hi",
+                     "paper_delta", "paper_baseline", "paper_rel", "p", "p_holm", "p_paper",
+                     "p_paper_holm", "same_as", "verdict", "seeds"], rows)
