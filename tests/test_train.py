@@ -177,7 +177,7 @@ def test_keep_final_publishes_the_last_weights_not_the_best_validation_epoch(tin
         epes = iter([1.0, 2.0, 3.0])
         state = fit(model, regression_objective(model, "depth"), _loader(tiny_data, ("depth",)),
                     opt, 3, device=torch.device("cpu"), progress="none", keep=keep,
-                    validate=lambda: {"epe_mm": next(epes), "auc_20_50": 0.0})
+                    validate=lambda it=epes: {"epe_mm": next(it), "auc_20_50": 0.0})
         kept[keep] = (state.best_epoch, state.best_epe, state.best_state)
         final = model.state_dict()
     assert kept["best_val"][:2] == (1, 1.0) and kept["final"][:2] == (3, 3.0)
