@@ -1,6 +1,7 @@
 """The ``cmkg`` command line.
 
     cmkg data synth --domain NAME --num N --size PX --out DIR [--seed S]
+    cmkg data show DATASET [--split S] [--n 32] --out SHEET.png   # a contact sheet
     cmkg data convert {rhd,stb,freihand} ROOT --out DIR [--size PX] [--margin M]
                       [--val-fraction F] [--seed S] [--versions g,h,s,a] [--test-fraction F]
     cmkg train {teacher,student,kd,meta,target} [CONFIG] [RESOURCES]
@@ -12,6 +13,9 @@
     cmkg report [--report DIR] [--results DIR]    # tables and figures from the records only
     cmkg report tune SWEEP_DIR [--storage URL]    # trials.parquet and plots from the study only
     cmkg runs ls [--store DIR] [--stage S] [--where KEY=VALUE ...] [--seed N]
+    cmkg runs show KEY [--store DIR] [--report DIR]   # lineage, config, metrics, references
+    cmkg runs diff KEY KEY [--store DIR]              # what differs, side by side
+    cmkg runs gc [--store DIR] [--report DIR] [--dry-run]   # remove what nothing references
     cmkg eval-predictions --pred P.npy --gt G.npy [--vis V.npy] [--root-relative]
     cmkg figure params --without DIR --with DIR [--prior DIR] --out PNG   # Fig. 5
     cmkg config show [CONFIG]
@@ -102,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_data_parsers(sub) -> None:
     from cmkg.synth import DOMAINS
 
-    data = sub.add_parser("data", help="create datasets").add_subparsers(
+    data = sub.add_parser("data", help="create and inspect datasets").add_subparsers(
         dest="data_command", required=True, parser_class=_Parser)
     syn = data.add_parser("synth", help="render a paired synthetic hand dataset")
     syn.add_argument("--domain", required=True, choices=sorted(DOMAINS))
@@ -113,6 +117,13 @@ def _add_data_parsers(sub) -> None:
     syn.add_argument("--split", type=float, nargs=3, default=[0.8, 0.1, 0.1],
                      metavar=("TRAIN", "VAL", "TEST"))
     _add_convert_parser(data)
+    show = data.add_parser("show", help="a contact sheet: RGB, depth and the 2D joints over "
+                           "the RGB per sample, captioned with domain, sequence and split")
+    show.add_argument("dataset", metavar="DATASET", help="a dataset folder (cmkg data synth, "
+                      "cmkg data convert)")
+    show.add_argument("--split", help="train, val or test (default: samples from every split)")
+    show.add_argument("--n", type=int, default=32, help="number of samples (default 32)")
+    show.add_argument("--out", required=True, help="PNG to write")
     cfg = sub.add_parser("config", help="inspect configs").add_subparsers(
         dest="config_command", required=True, parser_class=_Parser)
     show = cfg.add_parser("show", help="print the resolved config as YAML")
@@ -180,6 +191,22 @@ def _add_result_parsers(sub) -> None:
     ls.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
                     help="only artifacts whose config has KEY=VALUE (repeatable)")
     ls.add_argument("--seed", type=int, help="only this run.seed")
+    show = runs.add_parser("show", help="one artifact: lineage, the config entries that differ "
+                           "from its preset, metrics, and the records and sweeps naming it")
+    show.add_argument("key", metavar="KEY", help="a folder name or a unique prefix of a key")
+    diff = runs.add_parser("diff", help="two artifacts' differing config entries and metrics")
+    diff.add_argument("keys", metavar="KEY", nargs=2, help="folder names or key prefixes")
+    gc = runs.add_parser("gc", help="remove the artifacts that no result record or sweep's "
+                         "best.yaml names (directly or as an input), and leftover .partial "
+                         "folders")
+    gc.add_argument("--dry-run", action="store_true", help="print what would be removed")
+    for p in (show, diff, gc):
+        p.add_argument("--store", help="artifact store (default: the config's run.store, runs)")
+        p.add_argument("--config", default=None, help="take run.store from this preset or file")
+    for p in (show, gc):
+        p.add_argument("--report", action="append", default=[], metavar="DIR",
+                       help="also read the result records in DIR/results (repeatable; "
+                       "{store}/reports/*/results and {store}/_results are always read)")
 
     ev = sub.add_parser("eval-predictions", help="EPE / PCK / AUC of saved predictions as JSON")
     ev.add_argument("--pred", required=True, help="(N, 21, 3) predictions, mm")
@@ -249,7 +276,17 @@ def _cmd_convert(args) -> int:
 
 
 def _cmd_data(args) -> int:
-    return (_cmd_convert if args.data_command == "convert" else _cmd_synth)(args)
+    return {"convert": _cmd_convert, "synth": _cmd_synth,
+            "show": _cmd_data_show}[args.data_command](args)
+
+
+def _cmd_data_show(args) -> int:
+    from cmkg.data.sheet import contact_sheet
+
+    sheet = contact_sheet(args.dataset, args.out, split=args.split, n=args.n)
+    shown = ", ".join(f"{sheet.splits.count(s)} {s}" for s in dict.fromkeys(sheet.splits))
+    print(f"{sheet.out}: {len(sheet.ids)} samples ({shown}), {sheet.size[0]}x{sheet.size[1]} px")
+    return 0
 
 
 def _load_config(args):
@@ -388,11 +425,51 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_runs(args) -> int:
-    from cmkg import config, runs
+    return {"ls": _cmd_runs_ls, "show": _cmd_runs_show, "diff": _cmd_runs_diff,
+            "gc": _cmd_runs_gc}[args.runs_command](args)
 
-    store = args.store or config.load(args.config).run.store
-    entries = runs.select(runs.index(store), stage=args.stage, where=args.where, seed=args.seed)
+
+def _runs_store(args) -> tuple[str, str | None]:
+    """(run.store, run.cache) of ``--store`` / ``--config``."""
+    from cmkg import config
+
+    run = config.load(args.config).run
+    return args.store or run.store, run.cache
+
+
+def _cmd_runs_ls(args) -> int:
+    from cmkg import runs
+
+    entries = runs.select(runs.index(_runs_store(args)[0]), stage=args.stage, where=args.where,
+                          seed=args.seed)
     print(runs.format_table(entries))
+    return 0
+
+
+def _cmd_runs_show(args) -> int:
+    from cmkg import runs
+
+    store, cache = _runs_store(args)
+    entries = runs.index(store)
+    entry = runs.find(entries, args.key)
+    refs, problems = runs.references(runs.reference_files(runs.local_root(store, cache),
+                                                          args.report))
+    print(runs.format_show(entry, entries, refs, problems))
+    return 0
+
+
+def _cmd_runs_diff(args) -> int:
+    from cmkg import runs
+
+    entries = runs.index(_runs_store(args)[0])
+    print(runs.format_diff(*(runs.find(entries, k) for k in args.keys)))
+    return 0
+
+
+def _cmd_runs_gc(args) -> int:
+    from cmkg import runs
+
+    runs.gc(_runs_store(args)[0], args.report, dry_run=args.dry_run)
     return 0
 
 

@@ -1,8 +1,11 @@
 """The run index (cmkg.runs) over a tiny real store: a teacher and three students of 1 epoch."""
 
+import contextlib
 import dataclasses
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -20,6 +23,11 @@ TINY_DIFFERS = {"data.source.num": 240, "data.source.size": 32, "data.target.num
                 "epochs.student": 1, "epochs.kd": 1}
 
 
+def _base(data, store) -> list[str]:
+    return TINY + [f"data.root={data}", f"run.store={store}", "run.progress=none",
+                   f"run.threads={min(2, os.cpu_count() or 1)}"]
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """{name: artifact} of a store holding a teacher, a student (smoke's lr 1e-3), one with
@@ -30,8 +38,7 @@ def store(tmp_path_factory):
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     tmp = tmp_path_factory.mktemp("runs_index")
-    base = TINY + [f"data.root={tmp / 'data'}", f"run.store={tmp / 'runs'}",
-                   "run.progress=none", f"run.threads={min(2, os.cpu_count() or 1)}"]
+    base = _base(tmp / "data", tmp / "runs")
     arts = {name: stages.run_stage(stage, config.load("smoke", base + extra))
             for name, stage, extra in [("teacher", "teacher", []), ("student", "student", []),
                                        ("fast", "student", ["optim.lr=3e-3"]),
@@ -189,3 +196,252 @@ def test_cmkg_runs_ls_finds_a_stage_by_a_config_entry(store, capsys):
     assert [ln.split()[0] for ln in lines[1:]] == [arts["teacher"].key[:20]]
     assert cli.main(["runs", "ls", "--store", str(root), "--where", "optim.lrr=1"]) == 2
     assert "optim.lrr" in capsys.readouterr().err
+
+
+# -- cmkg runs show / diff / gc -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def chain(store):
+    """(root, {name: artifact}) of a second store: copies of the first one's four artifacts
+    (cache hits for kd's inputs) and a kd stage trained on the teacher and the student."""
+    from cmkg import stages
+
+    root, arts = store
+    chain_root = root.parent / "chain"
+    for art in arts.values():
+        shutil.copytree(art.path, chain_root / art.stage / art.path.name)
+    kd = stages.run_stage("kd", config.load("smoke", _base(root.parent / "data", chain_root)))
+    return chain_root, {**{n: stages.open_artifact(chain_root / a.stage / a.path.name)
+                           for n, a in arts.items()}, "kd": kd}
+
+
+RECORD_SPEC = {"table": "table1", "columns": [{"name": "kd", "metrics": ["epe_mm"]}],
+               "rows": [{"label": "L_ACT", "paper": {}}]}
+
+
+@pytest.fixture
+def referenced(chain, tmp_path):
+    """A copy of the chain store whose records name the kd stage only (its inputs are kept
+    through lineage) and a sweep's best.yaml naming the fast student; seed1 is named by
+    nothing."""
+    from cmkg.report import write_records
+
+    root = tmp_path / "runs"
+    shutil.copytree(chain[0], root)
+    kd = chain[1]["kd"]
+    write_records(root / "_results" / "smoke" / "table1.parquet", RECORD_SPEC, [
+        {"table": "table1", "row": "L_ACT", "column": "kd", "seed": 0, "status": "done",
+         "stage": "kd", "key": kd.key, "artifacts": {"kd": kd.key}}])
+    fast = chain[1]["fast"]
+    (root / "_tune" / "sweep").mkdir(parents=True)
+    (root / "_tune" / "sweep" / "best.yaml").write_text(yaml.safe_dump(
+        {"stage": "student", "best": {"params": {"optim.lr": 0.003},
+                                      "metrics": {"artifact": f"{root}/student/{fast.key[:20]}"}}}))
+    (root / "_tune" / "empty").mkdir()  # a sweep where no trial finished names nothing
+    (root / "_tune" / "empty" / "best.yaml").write_text(yaml.safe_dump({"best": None}))
+    return root, chain[1]
+
+
+def test_show_lineage_of_a_kd_stage(chain):
+    root, arts = chain
+    entries = runs.index(root)
+    kd = runs.find(entries, arts["kd"].key[:7])
+    assert kd.key == arts["kd"].key and kd.inputs == {
+        "teacher": arts["teacher"].key, "student": arts["student"].key}
+    tree = runs.lineage(kd, entries)
+    assert [line.split()[:3] for line in tree] == [
+        ["kd", arts["kd"].key[:20], "seed"], ["├──", "teacher", arts["teacher"].key[:20]],
+        ["└──", "student", arts["student"].key[:20]]]
+    assert f"test EPE {arts['teacher'].metrics['test']['epe_mm']:.2f}" in tree[1]
+    text = runs.format_show(kd, entries, [])
+    m = arts["kd"].metrics
+    for line in (f"test EPE          {m['test']['epe_mm']:.2f} mm",
+                 f"test AUC 20-50    {m['test']['auc_20_50']:.3f}",
+                 f"best val EPE      {m['best_val_epe_mm']:.2f} mm at epoch {m['best_epoch']}",
+                 f"mean pose (test)  {m['mean_pose_test']['epe_mm']:.2f} mm",
+                 "config (differs from preset smoke)",
+                 "nothing: `cmkg runs gc` would remove it"):
+        assert line in text
+    config_block = text.split("config (differs from preset smoke)\n")[1].split("\n\n")[0]
+    assert [ln.split() for ln in config_block.splitlines()] == [
+        [k, str(v)] for k, v in TINY_DIFFERS.items()]
+    # an input given from elsewhere: named with its folder
+    alone = [e for e in entries if e.key != arts["student"].key]
+    assert "└── student " + arts["student"].key[:20] + "  (not in this store: " + str(
+        root / "student" / arts["student"].key[:20]) + ")" in runs.lineage(kd, alone)
+
+
+def test_show_names_the_records_and_sweeps(referenced, capsys):
+    from cmkg import cli
+
+    root, arts = referenced
+    entries = runs.index(root)
+    refs, problems = runs.references(runs.reference_files(root))
+    assert problems == []
+    by_name = {n: runs.format_show(runs.find(entries, a.key), entries, refs)
+               for n, a in arts.items()}
+    record = str(root / "_results" / "smoke" / "table1.parquet")
+    assert f"{record}: table1 'L_ACT' / 'kd' seed 0" in by_name["kd"]
+    kd_id = f"kd/{arts['kd'].key[:20]}"
+    assert f"upstream of {kd_id}, which records or sweeps name" in by_name["teacher"]
+    assert f"upstream of {kd_id}" in by_name["student"] and record not in by_name["student"]
+    assert f"{root / '_tune' / 'sweep' / 'best.yaml'}: best trial of sweep sweep" in by_name["fast"]
+    assert "nothing: `cmkg runs gc` would remove it" in by_name["seed1"]
+    assert "would remove" not in by_name["kd"] + by_name["fast"] + by_name["teacher"]
+    # the command, with a --report folder holding another record
+    other = root.parent / "elsewhere"
+    from cmkg.report import write_records
+
+    write_records(other / "results" / "table1.parquet", RECORD_SPEC, [
+        {"table": "table1", "row": "L_ACT", "column": "kd", "seed": 3, "status": "done",
+         "stage": "student", "key": arts["seed1"].key,
+         "artifacts": {"student": arts["seed1"].key}}])
+    assert cli.main(["runs", "show", arts["seed1"].key[:12], "--store", str(root),
+                     "--report", str(other)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"student {arts['seed1'].key[:20]}  {root}/student/")
+    assert f"{other / 'results' / 'table1.parquet'}: table1 'L_ACT' / 'kd' seed 3" in out
+
+
+def test_find_reports_ambiguous_and_unknown_prefixes(chain, capsys):
+    from cmkg import cli
+
+    root, arts = chain
+    entries = runs.index(root)
+    fake = [dataclasses.replace(entries[0], key="abcd" + "0" * 60),
+            dataclasses.replace(entries[1], key="abce" + "1" * 60), entries[2]]
+    assert runs.find(fake, "abcd").key == "abcd" + "0" * 60
+    assert runs.find(fake, f"runs/teacher/abce{'1' * 16}").key == "abce" + "1" * 60  # a path
+    with pytest.raises(UserError, match=r"KEY abc: 2 artifacts match") as e:
+        runs.find(fake, "abc")
+    assert "abcd" + "0" * 16 in str(e.value) and "abce" + "1" * 16 in str(e.value)
+    with pytest.raises(UserError, match=r"KEY abf9: no artifact key starts with 'abf9'; the "
+                       r"nearest \(2 characters in common\)") as e:
+        runs.find(fake, "abf9")
+    assert "abcd" + "0" * 16 in str(e.value) and entries[2].name not in str(e.value)
+    assert cli.main(["runs", "show", "xyz", "--store", str(root)]) == 2
+    assert "KEY xyz: no artifact key starts with" in capsys.readouterr().err
+
+
+def test_diff_lists_exactly_the_differing_entries(chain, capsys):
+    from cmkg import cli
+
+    root, arts = chain
+    by_key = {e.key: e for e in runs.index(root)}
+    student, fast, seed1, teacher, kd = (by_key[arts[n].key] for n in
+                                         ("student", "fast", "seed1", "teacher", "kd"))
+    headline = ["test EPE mm", "test AUC 20-50", "best val EPE mm"]
+
+    def labels(a, b):
+        return [r[0] for r in runs.diff_rows(a, b)]
+
+    assert labels(student, fast) == ["optim.lr"] + headline
+    assert labels(student, seed1) == ["run.seed"] + headline
+    assert labels(teacher, student) == ["stage"] + headline  # one config, two stages
+    assert labels(student, kd) == ["stage", "input teacher", "input student"] + headline
+    assert labels(student, student) == headline
+    rows = {r[0]: r for r in runs.diff_rows(student, fast)}
+    assert rows["optim.lr"][1:3] == ("0.001", "0.003")
+    d = fast.test_epe_mm - student.test_epe_mm
+    assert rows["test EPE mm"][1:] == (f"{student.test_epe_mm:.2f}", f"{fast.test_epe_mm:.2f}",
+                                       f"{d:+.2f}")
+    # run.threads, data.root, ... cannot change a result: never a difference
+    other = dataclasses.replace(fast, config={**fast.config, "run.threads": 7,
+                                              "data.root": "/elsewhere"})
+    assert labels(student, other) == ["optim.lr"] + headline
+    assert cli.main(["runs", "diff", arts["student"].key[:10], arts["fast"].key[:10],
+                     "--store", str(root)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["student", student.name, "student", fast.name, "B", "-", "A"]
+    assert [ln.split()[0] for ln in lines[1:]] == ["optim.lr", "test", "test", "best"]
+
+
+@contextlib.contextmanager
+def held(*locks):
+    """Hold the writer locks ``locks`` in another process (POSIX locks are per process: this
+    one would get them) for the block, as a training stage does."""
+    code = ("import fcntl, os, sys\nfs = [open(p, 'a+') for p in sys.argv[1:]]\n"
+            "for f in fs:\n    fcntl.lockf(f, fcntl.LOCK_EX)\n"
+            "    f.seek(0); f.truncate(); f.write(f'test pid {os.getpid()}'); f.flush()\n"
+            "print('held', flush=True)\nsys.stdin.read()\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, *map(str, locks)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        yield proc.pid
+    finally:
+        proc.stdin.close()
+        proc.wait(10)
+
+
+def _tree(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_gc_keeps_what_records_and_sweeps_name(referenced, capsys):
+    from cmkg import cli
+
+    root, arts = referenced
+    # a leftover of a killed run (its lock free) and a stage in training (its lock held)
+    leftover = root / "student" / ("0" * 20 + ".partial")
+    shutil.copytree(arts["seed1"].path, leftover)
+    (root / "student" / ("0" * 20 + ".lock")).write_text("")
+    training = root / "teacher" / ("1" * 20 + ".partial")
+    shutil.copytree(arts["teacher"].path, training)
+    kd_training = root / "kd" / ("2" * 20 + ".partial")
+    kd_training.mkdir()
+    for lock in ("1" * 20 + ".lock", "2" * 20 + ".lock"):  # what the writers hold
+        (root / ("teacher" if lock[0] == "1" else "kd") / lock).write_text("")
+    before = _tree(root)
+
+    with held(training.with_name("1" * 20 + ".lock"), kd_training.with_name("2" * 20 + ".lock")):
+        # while a kd trains, every teacher and student may be its input: seed1 stays too
+        lines = []
+        removed = runs.gc(root, dry_run=True, echo=lines.append)
+        assert [r.path for r in removed] == [leftover] and _tree(root) == before
+        assert removed[0].size > 0 and lines[-1].startswith("would remove 1 folder(s), ")
+    with held(training.with_name("1" * 20 + ".lock")) as pid:
+        assert cli.main(["runs", "gc", "--store", str(root), "--dry-run"]) == 0
+        out = capsys.readouterr().out
+        assert _tree(root) == before
+        seed1 = arts["seed1"].key[:20]
+        assert f"would remove student/{seed1}" in out and "unreferenced" in out
+        assert f"would remove student/{leftover.name}" in out and "leftover partial" in out
+        assert f"kept     teacher/{training.name}  (a live writer holds its lock: test pid {pid})" \
+            in out
+        assert cli.main(["runs", "gc", "--store", str(root)]) == 0
+        out = capsys.readouterr().out
+    assert f"removed      student/{seed1}" in out
+    assert out.splitlines()[-1].startswith("removed 3 folder(s), ")  # seed1, both partials
+    assert "kept 4 of 5 artifacts: 2 named by records or best.yaml (3 file(s) read), " \
+        "2 upstream of them" in out
+    assert {e.key for e in runs.index(root)} == {arts[n].key for n in
+                                                  ("teacher", "student", "fast", "kd")}
+    assert training.is_dir() and not leftover.exists() and not kd_training.exists()
+    assert not list(root.rglob(".tmp-gc-*"))
+    # the writer has gone (the kernel dropped its lock): its partial is a leftover now
+    assert [r.path for r in runs.gc(root, echo=lambda _: None)] == [training]
+    assert runs.gc(root, echo=lambda _: None) == []
+
+
+def test_gc_refuses(referenced, tmp_path):
+    root, arts = referenced
+    with pytest.raises(UserError, match="local stores only"):
+        runs.gc("s3://bucket/runs")
+    # a record file it cannot read: nothing removed
+    bad = root / "reports" / "cpu" / "results" / "table2.parquet"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"not parquet")
+    before = _tree(root)
+    with pytest.raises(UserError, match=r"(?s)cannot tell what these files reference.*table2\.parquet"):
+        runs.gc(root)
+    assert _tree(root) == before
+    with pytest.raises(UserError, match="--report .*nowhere: no such folder"):
+        runs.gc(root, [str(tmp_path / "nowhere")], dry_run=True)
+    # a store nothing names: refused unless a dry run
+    bare = tmp_path / "bare"
+    shutil.copytree(arts["seed1"].path, bare / "student" / arts["seed1"].path.name)
+    with pytest.raises(UserError, match="names an artifact of this store, so all 1 would be"):
+        runs.gc(bare)
+    assert len(runs.gc(bare, dry_run=True, echo=lambda _: None)) == 1
+    assert len(runs.index(bare)) == 1
