@@ -79,7 +79,7 @@ def test_figures_are_data_of_the_ablation_files():
     assert "figures" not in ablation.table_spec(t3, "cpu", [0])
 
 
-def test_refresh_figures_is_the_migration_of_the_committed_records(tmp_path):
+def test_refresh_spec_is_the_migration_of_the_committed_records(tmp_path):
     """The committed table1 records with their spec as it was before figures lived in the
     ablation files (figure4_paper_delta_auc, no figures): refreshing gives back the committed
     file byte for byte."""
@@ -92,7 +92,7 @@ def test_refresh_figures_is_the_migration_of_the_committed_records(tmp_path):
     report.replace_spec(old, {**{k: v for k, v in spec.items() if k != "figures"},
                               "figure4_paper_delta_auc": 0.045})
     assert old.read_bytes() != committed.read_bytes()
-    assert ablation.refresh_figures(old) == spec
+    assert ablation.refresh_spec(old) == spec
     assert old.read_bytes() == committed.read_bytes()
 
 

@@ -95,7 +95,9 @@ def test_every_document_the_project_names_is_in_the_repository():
     docs = {p.name for p in ROOT.rglob("*.md") if ".venv" not in p.parts}
     missing = []
     for path in _tracked_text_files():
-        for name in set(re.findall(r"\b([\w.-]+\.md)\b", path.read_text(errors="replace"))):
+        # a file a test writes itself (tmp_path / "t1.md") is not a reference
+        text = re.sub(r'/ "[\w.-]+\.md"', "", path.read_text(errors="replace"))
+        for name in set(re.findall(r"\b([\w.-]+\.md)\b", text)):
             if name not in docs:
                 missing.append(f"{path.relative_to(ROOT)}: {name}")
     assert not missing, missing

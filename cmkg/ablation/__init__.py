@@ -42,7 +42,7 @@ metrics, artifact keys, wall times, code version, device — the only input of `
     cells.py     expand into cells, the union of their plans, the work estimate, ``choose``
     results.py   result records, phi_META's correlation between seeds, the table spec
     runner.py    ``run`` (with its overwrite guard), ``dry_run``, the status line
-    migrate.py   ``refresh_figures``: a stored spec's figures from the current ablation file
+    migrate.py   ``refresh_spec``: a stored spec's figures and comparison kinds from the ablation file
 """
 
 from cmkg.ablation.cells import (
@@ -57,7 +57,7 @@ from cmkg.ablation.cells import (
     union,
     work,
 )
-from cmkg.ablation.migrate import refresh_figures
+from cmkg.ablation.migrate import refresh_spec
 from cmkg.ablation.results import LOWER_IS_BETTER, fingerprint, phi_correlation, record, table_spec
 from cmkg.ablation.runner import check_overwrite, dry_run, run, status_line
 from cmkg.ablation.spec import METRICS, Ablation, Column, Row, load
@@ -65,6 +65,6 @@ from cmkg.ablation.spec import METRICS, Ablation, Column, Row, load
 __all__ = [
     "LOWER_IS_BETTER", "METRICS", "WORK_FACTOR", "Ablation", "Cell", "Column", "Row",
     "check_overwrite", "choose", "dry_run", "expand", "fingerprint", "load", "notes",
-    "phi_correlation", "preset_of", "record", "refresh_figures", "run", "seeds_of",
+    "phi_correlation", "preset_of", "record", "refresh_spec", "run", "seeds_of",
     "status_line", "table_spec", "train_samples", "union", "work",
 ]

@@ -54,4 +54,3 @@ def refresh_spec(path: str | Path, ablation_file: str | Path | None = None) -> d
     return spec
 
 
-refresh_figures = refresh_spec  # its name before it refreshed the kinds too (cmkg.ablation's)
