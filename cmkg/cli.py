@@ -327,7 +327,7 @@ def _cmd_synth(args) -> int:
 
 def _summary(cfg, stage: str) -> str:
     """Test metrics of the stage and its inputs, side by side."""
-    from cmkg.stages import Store, plan
+    from cmkg.stages import Store, plan, stage_datasets
 
     store = Store.of(cfg)
     rows = []
@@ -337,7 +337,7 @@ def _summary(cfg, stage: str) -> str:
             continue
         metrics, spec = art.metrics, art.meta["spec"]
         t, base = metrics["test"], metrics.get("mean_pose_test", {})
-        test_set = cfg.data.target if name == "target" else cfg.data.source
+        test_set = stage_datasets(name, cfg)[0]
         rows.append((name, spec["arch"], spec["modality"], test_set.path or test_set.domain,
                      f"{t['epe_mm']:.2f}", f"{t['auc_20_50']:.3f}",
                      f"{base['epe_mm']:.2f}" if base else "-", store.describe(name, art.key)))

@@ -142,7 +142,7 @@ def train_samples(node: stages.Node) -> int:
 
 def work(node: stages.Node) -> float:
     """Estimated cost of a node in sample-epochs (x3 for Algorithm 1), scaled by pixel count."""
-    size = (node.cfg.data.target if node.stage == "target" else node.cfg.data.source).size
+    size = stages.stage_datasets(node.stage, node.cfg)[0].size
     arch = node.spec["arch"]
     width = {"resnet10": 1.0, "resnet18": 2.0, "resnet50": 4.5}.get(arch, 1.0)
     return (train_samples(node) * node.spec["epochs"] * WORK_FACTOR.get(node.stage, 1.0)

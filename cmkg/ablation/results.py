@@ -33,7 +33,7 @@ def _phi_values(art: stages.Artifact) -> np.ndarray:
 
 def _extra(cell: Cell, art: stages.Artifact, done: dict) -> dict:
     """Fig. 5's data for target cells: a histogram of the network's weights, and of phi."""
-    if cell.node.stage != "target":
+    if not stages.DEFS[cell.node.stage].prior:  # the stage that takes a regularizer
         return {}
     out = {"theta_hist": report.histogram(report.flat_weights(art.load_model().state_dict()))}
     for k in ("prior_strength", "calibration"):  # D after the last epoch; the calibrated scale
@@ -55,7 +55,7 @@ def phi_correlation(cells: list[Cell], done: dict) -> list[dict]:
     metas: dict[str, dict[int, tuple[str, str]]] = {}
     for c in cells:
         for n in c.nodes:
-            if n.stage == "meta" and n.id in done:
+            if stages.DEFS[n.stage].learns_prior and n.id in done:
                 r = n.cfg.regularizer
                 form = r.form if r.phi_param == "free" else f"{r.form} ({r.phi_param})"
                 metas.setdefault(form, {})[c.seed] = n.id

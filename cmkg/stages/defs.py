@@ -34,6 +34,7 @@ class StageDef:
     paired: bool  # trains on paired RGB and depth against the frozen teacher (L_DIST)
     inputs: tuple[str, ...] = ()  # upstream stages it always needs
     prior: bool = False  # needs the meta stage's phi when the regularizer is a weighted form
+    learns_prior: bool = False  # learns phi (Algorithm 1): no DDP, phi published beside the model
 
     @property
     def reads(self) -> tuple[str, ...]:
@@ -45,7 +46,8 @@ DEFS: dict[str, StageDef] = {
     "teacher": StageDef("teacher", "teacher", "depth", "source", False),
     "student": StageDef("student", "student", "rgb", "source", False),
     "kd": StageDef("kd", "student", "rgb", "source", True, ("teacher", "student")),
-    "meta": StageDef("meta", "student", "rgb", "source", True, ("teacher", "student")),
+    "meta": StageDef("meta", "student", "rgb", "source", True, ("teacher", "student"),
+                     learns_prior=True),
     "target": StageDef("target", "student", "rgb", "target", False, prior=True),
 }
 assert tuple(DEFS) == STAGES, "cmkg.config.STAGES and the stage table disagree"

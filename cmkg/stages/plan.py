@@ -55,7 +55,7 @@ def stage_spec(stage: str, cfg: Config, inputs: dict[str, str]) -> dict:
     r = cfg.regularizer
     if d.paired:
         spec["distill"] = asdict(cfg.distill)
-    if stage == "meta":
+    if d.learns_prior:
         spec["meta"] = asdict(cfg.meta)
         spec["regularizer"] = {"form": r.form, "params": r.params, "phi_param": r.phi_param,
                                "phi_init": r.phi_init, "phi_clip": r.phi_clip}

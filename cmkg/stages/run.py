@@ -113,8 +113,9 @@ def train_node(node: Node, upstream: dict[str, Artifact], store: Store, *,
     that stops the run there (a sweep's scheduler) leaves it resumable."""
     stage, cfg, key, spec = node.stage, node.cfg, node.key, node.spec
     # -- build ---------------------------------------------------------------------------------
-    run = build_stage(stage, cfg, spec, upstream, device, wrap=None if stage == "meta" else wrap)
-    if stage == "meta":  # no DDP for Algorithm 1: start every worker from rank 0's weights
+    learns_prior = DEFS[stage].learns_prior
+    run = build_stage(stage, cfg, spec, upstream, device, wrap=None if learns_prior else wrap)
+    if learns_prior:  # no DDP for Algorithm 1: start every worker from rank 0's weights
         broadcast_module(run.trainable)
     gen = torch.Generator().manual_seed(cfg.run.seed)
     train_loader, val_loader, test_loader = make_loaders(run, cfg, device, gen)
@@ -133,7 +134,7 @@ def train_node(node: Node, upstream: dict[str, Artifact], store: Store, *,
             f"{spec['epochs']}")
 
     def report(st: FitState) -> None:
-        if stage == "meta":
+        if learns_prior:
             check_phi(run.regularizer, stage, st.epoch)
         checkpoints.save(lambda: checkpoint_blob(run, key, st, gen), st)
         if on_epoch is not None:  # after the checkpoint: a caller stopping here can resume it
@@ -184,7 +185,7 @@ def publish(run: StageRun, node: Node, upstream: dict[str, Artifact], state: Fit
     torch_save(partial / "model.pt", {"arch": spec["arch"], "modality": modality,
                                       "state_dict": best})
     metrics = _metrics(run, state, test)
-    if stage == "meta":  # phi_META = phi_K, the final phi (Algorithm 1, line 12)
+    if DEFS[stage].learns_prior:  # phi_META = phi_K, the final phi (Algorithm 1, line 12)
         torch_save(partial / "phi.pt", run.regularizer.phi_state())
         metrics["phi"] = phi_summary(run.regularizer)
     write_json(partial / "metrics.json", metrics)
