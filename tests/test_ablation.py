@@ -311,43 +311,6 @@ def test_workers_run_each_stage_under_ray_train(tmp_path):
     assert [r["status"] for r in recs] == ["done"]
 
 
-def test_phi_correlation_between_seeds():
-    """Pearson r of phi_META per pair of seeds, per weighted form, from the cells' meta nodes."""
-    import types
-
-    import numpy as np
-    import torch
-
-    rng = np.random.default_rng(0)
-    shared = rng.normal(size=500)
-    phis = {0: shared + 0.5 * rng.normal(size=500), 1: shared + 0.5 * rng.normal(size=500)}
-
-    class Art:
-        def __init__(self, v):
-            self.v, self.path = v, f"meta-{id(v)}"
-
-        def load_phi(self):
-            return types.SimpleNamespace(phi=lambda: [torch.tensor(self.v[:200]),
-                                                     torch.tensor(self.v[200:])])
-
-    cells, done = [], {}
-    for param, values in (("free", phis), ("softplus", {0: np.full(500, 1e-5),
-                                                        1: np.full(500, 1e-5)})):
-        for seed, v in values.items():
-            node = types.SimpleNamespace(
-                stage="meta", id=("meta", f"{param}{seed}"), cfg=types.SimpleNamespace(
-                    regularizer=types.SimpleNamespace(form="weighted_l2", phi_param=param)))
-            target = types.SimpleNamespace(stage="target", id=("target", f"{param}t{seed}"))
-            cells.append(types.SimpleNamespace(seed=seed, nodes=[node, target]))
-            done[node.id] = Art(v)
-    corr, constant = ablation.phi_correlation(cells, done)  # one entry per parametrisation
-    assert corr["form"] == "weighted_l2" and corr["seeds"] == [0, 1] and corr["count"] == 500
-    assert corr["pearson"] == pytest.approx(np.corrcoef(phis[0], phis[1])[0, 1], abs=1e-6)
-    assert 0.7 < corr["pearson"] < 0.9  # 1 / (1 + 0.25) = 0.8 in expectation
-    # a constant phi (softplus that never moved) has no correlation, kept apart from free phi
-    assert constant["form"] == "weighted_l2 (softplus)" and constant["pearson"] is None
-
-
 @pytest.mark.slow
 @pytest.mark.ray
 def test_shipped_table2_at_smoke_one_seed_completes_and_renders(tmp_path):

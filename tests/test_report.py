@@ -384,3 +384,25 @@ def test_write_records_rejects_unknown_fields(tmp_path):
     with pytest.raises(ValueError, match=r"unknown fields \['epe'\]"):
         report.write_records(tmp_path / "t.parquet", TABLE3, [{**record, "epe": 1.0}])
     assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_phi_is_summarised_order_free_over_seeds_never_correlated():
+    """Per weighted row: the fraction of φ below 0 and φ's spread, lowest … highest over the
+    seeds; no per-weight correlation between seeds (hidden units do not correspond)."""
+    phis = [{"fraction_negative": 0.37, "std": 1e-8, "min": -2e-6, "max": 3e-6},
+            {"fraction_negative": 0.374, "std": 2e-8, "min": -1e-6, "max": 1e-6}]
+    records = [_cell("t", "weighted l2", "target", s, stage="target", key=f"k{s}",
+                     chain={"target": f"k{s}"}, walls={"target": 1.0}, epe=40.0 + s,
+                     auc=0.5, extra={"phi": phi}) for s, phi in enumerate(phis)]
+    records.append(_cell("t", "none", "target", 0, stage="target", key="n0",
+                         chain={"target": "n0"}, walls={"target": 1.0}, epe=41.0, auc=0.5))
+    spec = {"table": "t", "title": "T", "columns": [{"name": "target", "metrics": ["epe_mm"]}],
+            "rows": [{"label": "weighted l2", "paper": {}}, {"label": "none", "paper": {}}],
+            "seeds": [0, 1], "preset": "cpu",
+            "phi_correlation": [{"form": "weighted_l2", "seeds": [0, 1], "pearson": 0.01,
+                                 "count": 9}]}  # as older records stored it: not shown
+    md = report.table_markdown(spec, records)
+    assert "## φ_META: order-free statistics" in md and "Pearson" not in md
+    line = next(ln for ln in md.splitlines() if ln.startswith("| weighted l2 | 2 |"))
+    assert line.split(" | ")[2:4] == ["0.370 … 0.374", "1e-08 … 2e-08"]
+    assert not any(ln.startswith("| none |") and "…" in ln for ln in md.splitlines())

@@ -40,7 +40,7 @@ metrics, artifact keys, wall times, code version, device — the only input of `
 
     spec.py      the ablation file: Ablation, Column, Row and the strict loader ``load``
     cells.py     expand into cells, the union of their plans, the work estimate, ``choose``
-    results.py   result records, phi_META's correlation between seeds, the table spec
+    results.py   result records, the table spec
     runner.py    ``run`` (with its overwrite guard), ``dry_run``, the status line
     migrate.py   ``refresh_spec``: a stored spec's figures and comparison kinds from the ablation file
 """
@@ -58,13 +58,13 @@ from cmkg.ablation.cells import (
     work,
 )
 from cmkg.ablation.migrate import refresh_spec
-from cmkg.ablation.results import LOWER_IS_BETTER, fingerprint, phi_correlation, record, table_spec
+from cmkg.ablation.results import LOWER_IS_BETTER, fingerprint, record, table_spec
 from cmkg.ablation.runner import check_overwrite, dry_run, run, status_line
 from cmkg.ablation.spec import METRICS, Ablation, Column, Row, load
 
 __all__ = [
     "LOWER_IS_BETTER", "METRICS", "WORK_FACTOR", "Ablation", "Cell", "Column", "Row",
     "check_overwrite", "choose", "dry_run", "expand", "fingerprint", "load", "notes",
-    "phi_correlation", "preset_of", "record", "refresh_spec", "run", "seeds_of",
+    "preset_of", "record", "refresh_spec", "run", "seeds_of",
     "status_line", "table_spec", "train_samples", "union", "work",
 ]

@@ -1,5 +1,5 @@
 """What a run leaves for the report: one result record per cell, and the table's spec (with
-phi_META's correlation between seeds) stored beside them."""
+phi's order-free statistics come from the target cells' ``extra``) stored beside them."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ _PHI_CACHE: dict[str, np.ndarray] = {}  # artifact path -> phi; the last few met
 
 def _phi_values(art: stages.Artifact) -> np.ndarray:
     """phi_META of a meta stage as one float64 vector, read once although every weighted
-    target cell of every table and the seed correlation use it."""
+    target cell of every table uses it."""
     key = str(art.path)
     if key not in _PHI_CACHE:
         if len(_PHI_CACHE) >= 8:
@@ -45,32 +45,6 @@ def _extra(cell: Cell, art: stages.Artifact, done: dict) -> dict:
         scale = out.get("calibration", {}).get("scale", 1.0)  # the calibrated phi, before its cap
         out["phi_hist"] = report.histogram(scale * _phi_values(prior))
         out["phi"] = prior.metrics.get("phi", {})
-    return out
-
-
-def phi_correlation(cells: list[Cell], done: dict) -> list[dict]:
-    """Pearson correlation of phi_META between seeds, per weighted form and parametrisation
-    (is phi knowledge shared by the seeds, or noise?), from the meta stages the table's target
-    cells used."""
-    metas: dict[str, dict[int, tuple[str, str]]] = {}
-    for c in cells:
-        for n in c.nodes:
-            if stages.DEFS[n.stage].learns_prior and n.id in done:
-                r = n.cfg.regularizer
-                form = r.form if r.phi_param == "free" else f"{r.form} ({r.phi_param})"
-                metas.setdefault(form, {})[c.seed] = n.id
-    out = []
-    for form, by_seed in sorted(metas.items()):
-        seeds = sorted(by_seed)
-        phis = {s: _phi_values(done[by_seed[s]]) for s in seeds}
-        for i, a in enumerate(seeds):
-            for b in seeds[i + 1:]:
-                # a constant phi (softplus learned from phi_init barely moves in float32) has
-                # no correlation: None, shown as such
-                r = (None if np.ptp(phis[a]) == 0 or np.ptp(phis[b]) == 0
-                     else round(float(np.corrcoef(phis[a], phis[b])[0, 1]), 6))
-                out.append({"form": form, "seeds": [a, b], "pearson": r,
-                            "count": int(phis[a].size)})
     return out
 
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from cmkg import report, stages
 from cmkg.ablation.cells import Cell, choose, expand, preset_of, union, value_text, work
-from cmkg.ablation.results import phi_correlation, record, table_spec
+from cmkg.ablation.results import record, table_spec
 from cmkg.ablation.spec import Ablation, load
 from cmkg.console import duration, say
 from cmkg.errors import DataError, UserError
@@ -139,7 +139,7 @@ def _progress(todo: list[stages.Node], done: dict, failed: dict, store: stages.S
 def _write_results(ab: Ablation, cells: list[Cell], done: dict, failed: dict,
                    preset: str | None, store: stages.Store, results: Path) -> None:
     """The table's records (the chosen values of its ``choose`` rows), its spec with the
-    choices' notes and phi's correlation, into the store and the report's results folder."""
+    choices' notes, into the store and the report's results folder."""
     picked, choice_notes, chosen = choose(ab, cells, done)
     recs = []
     for c in picked:
@@ -150,8 +150,6 @@ def _write_results(ab: Ablation, cells: list[Cell], done: dict, failed: dict,
         recs.append(rec)
     spec = table_spec(ab, preset, sorted({c.seed for c in cells}))
     spec["notes"] = spec["notes"] + choice_notes
-    if (corr := phi_correlation(cells, done)):
-        spec["phi_correlation"] = corr
     report.write_records(store.root / "_results" / (preset or "custom") / f"{ab.table}.parquet",
                          spec, recs)
     report.write_records(results / f"{ab.table}.parquet", spec, recs)

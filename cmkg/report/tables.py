@@ -1,5 +1,5 @@
 """One table's files: ``{table}.md`` (the paper's numbers beside ours, comparisons, failures,
-phi across seeds, the regularizer's strength, notes), ``{table}.csv`` and
+phi's order-free statistics, the regularizer's strength, notes), ``{table}.csv`` and
 ``{table}_comparisons.csv``.
 
 A table's comparisons are evaluated with the report's other tables (``tables``, default: this
@@ -51,7 +51,7 @@ def table_markdown(spec: dict, records: list[dict], tables: dict | None = None) 
     comparisons = evaluated["tables"][spec["table"]]
     out += _comparisons_section(spec, comparisons)
     out += _failed_section(by_cell)
-    out += _phi_section(spec)
+    out += _phi_section(records)
     out += _strength_section(spec, records)
     notes = list(spec.get("notes") or [])
     if comparisons:
@@ -198,18 +198,36 @@ def _failed_section(by_cell: dict) -> list[str]:
                       for r in failed], right={2})]
 
 
-def _phi_section(spec: dict) -> list[str]:
-    """phi_META's correlation between seeds, as the runner computed it into the spec."""
-    if not spec.get("phi_correlation"):
+def _phi_section(records: list[dict]) -> list[str]:
+    """Order-free statistics of the φ_META each weighted row used, over its seeds. A per-weight
+    correlation between seeds is not shown: each seed trains another network whose hidden units
+    do not correspond, so it is about 0 whether or not φ carries knowledge."""
+    rows: dict[str, list[dict]] = {}
+    for r in records:
+        phi = (r.get("extra") or {}).get("phi") if r["status"] == "done" else None
+        if phi:
+            rows.setdefault(r["row"], []).append(phi)
+    if not rows:
         return []
-    return ["## φ_META across seeds\n",
-            "Pearson correlation of the learned φ (one value per regularised weight) "
-            "between meta stages of different seeds: knowledge shared by the seeds shows "
-            "as a correlation well above 0, noise as about 0.\n",
-            md_table(["form", "seeds", "correlation", "weights"],
-                     [[c["form"], f"{c['seeds'][0]} vs {c['seeds'][1]}",
-                       "— (φ constant)" if c["pearson"] is None else f"{c['pearson']:+.3f}",
-                       str(c["count"])] for c in spec["phi_correlation"]], right={2, 3})]
+
+    def spread(phis: list[dict], key: str, fmt: str) -> str:
+        values = [p[key] for p in phis if p.get(key) is not None]
+        if not values:
+            return "—"
+        lo, hi = min(values), max(values)
+        return format(lo, fmt) if lo == hi else f"{format(lo, fmt)} … {format(hi, fmt)}"
+
+    return ["## φ_META: order-free statistics\n",
+            "Per weighted row, over its seeds (lowest … highest): the fraction of φ below 0 (a "
+            "negative φ grows its weight), φ's standard deviation and extremes. These do not "
+            "depend on how one seed's weights line up with another's; a per-weight correlation "
+            "between seeds would (hidden units permute between independently trained networks) "
+            "and is not a test of knowledge.\n",
+            md_table(["row", "seeds", "fraction φ < 0", "SD of φ", "min φ", "max φ"],
+                     [[label, str(len(phis)),
+                       spread(phis, "fraction_negative", ".3f"), spread(phis, "std", ".3g"),
+                       spread(phis, "min", ".3g"), spread(phis, "max", ".3g")]
+                      for label, phis in rows.items()], right={1, 2, 3, 4, 5})]
 
 
 def _strength_section(spec: dict, records: list[dict]) -> list[str]:
