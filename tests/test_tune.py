@@ -222,7 +222,7 @@ def _tiny(tmp_path) -> list[str]:
 
 @pytest.mark.ray
 def test_tune_runs_resumes_and_best_retrains(local_ray, tmp_path, capsys):
-    args = [*_tiny(tmp_path), "--out", str(tmp_path / "runs")]
+    args = [*_tiny(tmp_path), "--store", str(tmp_path / "runs")]
     space = str(SPACES / "smoke.yaml")
     assert cli.main(["tune", space, *args]) == 0
     summary = json.loads(capsys.readouterr().out)
@@ -266,7 +266,7 @@ def test_tune_with_a_store_on_s3(local_ray, tmp_path, s3_uri, capsys):
 
     uri = s3_uri("runs")
     mirror = tmp_path / "mirror"
-    args = [*_tiny(tmp_path), "--out", uri, "--set", f"run.cache={mirror}"]
+    args = [*_tiny(tmp_path), "--store", uri, "--set", f"run.cache={mirror}"]
     assert cli.main(["tune", str(SPACES / "smoke.yaml"), *args]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["trials_finished"] == 3 and summary["best"]["metrics"]["artifact"].startswith(

@@ -36,7 +36,7 @@ def data_root(tmp_path_factory):
 
 def _tiny(data_root, out) -> list[str]:
     return ["--config", "smoke", "--set", "data.source.num=240", "--set", "data.target.num=120",
-            "--set", "optim.batch_size=16", "--set", f"data.root={data_root}", "--out", str(out)]
+            "--set", "optim.batch_size=16", "--set", f"data.root={data_root}", "--store", str(out)]
 
 
 def _study(out: Path) -> tuple[Path, optuna.Study]:

@@ -32,7 +32,7 @@ def test_an_interrupted_sweep_resumes(tmp_path):
                      "  regularizer.sigma: {float: [1.0e-6, 1.0e-2], log: true, "
                      "when: {regularizer.form: [l2]}}\n")
     cmd = [sys.executable, "-m", "cmkg", "tune", str(space), "--config", "smoke",
-           "--out", str(tmp_path / "runs"), "--set", f"data.root={tmp_path / 'data'}",
+           "--store", str(tmp_path / "runs"), "--set", f"data.root={tmp_path / 'data'}",
            "--set", "data.target.num=240", "--set", "optim.batch_size=16",
            "--set", "epochs.target=6"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
