@@ -192,7 +192,7 @@ def fit(model: nn.Module, loss_fn: LossFn | None, loader, optimizer: torch.optim
         state: FitState | None = None, report: Callable[[FitState], None] | None = None,
         stage: str = "fit", progress: str = "auto", check_every: int = 50,
         diagnose: Callable[[], dict] | None = None, scheduler=None,
-        keep: str = "best_val") -> FitState:
+        keep: str = "best_val", train_metrics: Callable[[], dict] | None = None) -> FitState:
     """Train ``model`` on ``loss_fn`` for ``epochs`` epochs, validating and keeping the best.
 
     Each step minimises ``loss_fn(batch)["loss"]`` with ``optimizer``; or, when ``update`` is
@@ -200,7 +200,10 @@ def fit(model: nn.Module, loss_fn: LossFn | None, loader, optimizer: torch.optim
 
     ``validate()`` returns metrics with ``epe_mm``; the weights kept in ``state.best_state`` are
     those of the best validation epoch (``keep="best_val"``) or the final ones (``"final"``).
-    ``scheduler`` (e.g. ``cosine_schedule``), if given, steps after every training step. ``diagnose()``, if given, runs after every epoch's training steps and
+    ``scheduler`` (e.g. ``cosine_schedule``), if given, steps after every training step.
+    ``train_metrics()``, if given, measures the weights on (part of) the training split where an
+    epoch validates, kept as the record's ``train_eval`` (the learning curves' train EPE); like
+    ``validate`` it must leave weights, buffers and RNGs as it found them. ``diagnose()``, if given, runs after every epoch's training steps and
     its dict is kept as the epoch record's ``diagnostics`` (``cmkg.diagnostics``: gradient
     shares, the prior's strength); it must leave weights, buffers and RNGs as it found them.
     ``report(state)`` runs after every epoch (checkpointing). Losses are
@@ -257,6 +260,8 @@ def fit(model: nn.Module, loss_fn: LossFn | None, loader, optimizer: torch.optim
                                      f"(validation EPE {val['epe_mm']}; "
                                      f"{_numerical_hint(stage, {}, lr)})")
             record["val"] = {k: val[k] for k in ("epe_mm", "auc_20_50")}
+            if train_metrics is not None:
+                record["train_eval"] = {"epe_mm": train_metrics()["epe_mm"]}
             kept = val["epe_mm"] < state.best_epe if keep == "best_val" else epoch == epochs
             if kept:
                 state.best_epe, state.best_epoch = val["epe_mm"], epoch

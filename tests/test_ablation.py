@@ -239,6 +239,14 @@ def test_failing_cell_leaves_the_others_done(tmp_path, capsys):
     assert status == {"none": "done", "l2": "done", "exploding": "failed"}
     bad = next(r for r in recs if r["row"] == "exploding")
     assert "epoch" in bad["error"] and bad["epe_mm"] is None
+    # each done cell's record carries the learning curve of every stage of its chain
+    good = next(r for r in recs if r["row"] == "none")
+    (point,) = good["curves"]["target"]  # epochs.target=1
+    assert point["epoch"] == 1 and point["loss"] > 0 and point["reg"] > 0
+    assert point["val_epe_mm"] > 0 and point["train_epe_mm"] > 0
+    assert bad["curves"] == {}
+    assert (rep / "table2_curves.png").is_file() and "table2_curves.png" in (
+        rep / "README.md").read_text()
     md = (rep / "table2.md").read_text()
     assert "failed" in md and "exploding" in md
     assert (store / "_results" / "smoke" / "table2.parquet").is_file()

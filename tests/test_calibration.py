@@ -89,6 +89,12 @@ def test_cap_bounds_every_weight(tiny):
     assert 0 < cal["fraction_capped"] < 0.5  # phi's heavy tail: some weights hit the cap
     uncapped = stages.run_stage("target", _with_reg(tiny, calibrate_d=0.5, d_cap=None))
     assert uncapped.key != art.key
+    # the phi each stage trained with is recorded (Fig. 5 draws it): the capped one has the same
+    # sign pattern, and its largest |phi| is smaller than the uncapped one's
+    capped, free = art.metrics["phi_applied"], uncapped.metrics["phi_applied"]
+    assert sum(capped["hist"]["counts"]) == sum(free["hist"]["counts"]) > 0
+    assert capped["fraction_negative"] == pytest.approx(free["fraction_negative"])
+    assert max(capped["hist"]["edges"]) < max(free["hist"]["edges"])
 
 
 def test_softplus_prior_keeps_its_sign_when_scaled():

@@ -406,3 +406,34 @@ def test_phi_is_summarised_order_free_over_seeds_never_correlated():
     line = next(ln for ln in md.splitlines() if ln.startswith("| weighted l2 | 2 |"))
     assert line.split(" | ")[2:4] == ["0.370 … 0.374", "1e-08 … 2e-08"]
     assert not any(ln.startswith("| none |") and "…" in ln for ln in md.splitlines())
+
+
+def test_learning_curves_are_drawn_from_the_records_curves_only(tmp_path):
+    """A table whose records carry curves gets {table}_curves.png, listed in the index; the
+    curve of a cell is its own stage's; records without curves (written before) draw none."""
+    from cmkg.ablation.results import curve
+    from cmkg.report.curves import curves_of, learning_curves
+
+    history = [{"epoch": 1, "train": {"loss": 2.0, "reg": 2.0}, "val": {"epe_mm": 30.0},
+                "train_eval": {"epe_mm": 20.0}},
+               {"epoch": 2, "train": {"loss": 1.0, "reg": 1.0}}]  # epoch 2 did not validate
+    assert curve(history) == [
+        {"epoch": 1, "loss": 2.0, "reg": 2.0, "train_epe_mm": 20.0, "val_epe_mm": 30.0},
+        {"epoch": 2, "loss": 1.0, "reg": 1.0}]
+    spec = {"table": "t", "title": "T", "columns": [{"name": "target", "metrics": ["epe_mm"]}],
+            "rows": [{"label": "none", "paper": {}}, {"label": "l2", "paper": {}}],
+            "seeds": [0, 1], "preset": "cpu"}
+    records = [{**_cell("t", row, "target", s, stage="target", key=f"{row}{s}",
+                        chain={"target": f"{row}{s}"}, walls={"target": 1.0}, epe=40.0, auc=0.5),
+                "curves": {"target": curve(history), "student": curve(history[:1])}}
+               for row in ("none", "l2") for s in (0, 1)]
+    assert {row: len(c) for row, c in curves_of(spec, records)["target"].items()} == {
+        "none": 2, "l2": 2}
+    assert learning_curves(spec, records, tmp_path / "a.png") == ["target (2 rows)"]
+    assert (tmp_path / "a.png").stat().st_size > 1000
+    bare = [{k: v for k, v in r.items() if k != "curves"} for r in records]
+    assert learning_curves(spec, bare, tmp_path / "b.png") == [] and not (tmp_path / "b.png").exists()
+    report.write_records(tmp_path / "results" / "t.parquet", spec, records)
+    report.render_reports(tmp_path / "results", tmp_path / "out")
+    assert (tmp_path / "out" / "t_curves.png").is_file()
+    assert "t_curves.png" in (tmp_path / "out" / "README.md").read_text()

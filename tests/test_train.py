@@ -183,3 +183,21 @@ def test_keep_final_publishes_the_last_weights_not_the_best_validation_epoch(tin
     assert kept["best_val"][:2] == (1, 1.0) and kept["final"][:2] == (3, 3.0)
     assert all(torch.equal(kept["final"][2][k], final[k]) for k in final)
     assert not all(torch.equal(kept["best_val"][2][k], final[k]) for k in final)
+
+
+def test_validated_epochs_record_the_train_slice_epe(tiny_data):
+    torch.manual_seed(0)
+    model = models.build("resnet10", "depth")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    calls = []
+
+    def on_train():
+        calls.append(len(calls))
+        return {"epe_mm": 10.0 + len(calls)}
+
+    state = fit(model, regression_objective(model, "depth"), _loader(tiny_data, ("depth",)), opt,
+                3, device=torch.device("cpu"), progress="none", eval_every=2,
+                validate=lambda: {"epe_mm": 5.0, "auc_20_50": 0.0}, train_metrics=on_train)
+    # epochs 2 and 3 validate (every 2nd, and the last); epoch 1 does not
+    assert [h.get("train_eval") for h in state.history] == [
+        None, {"epe_mm": 11.0}, {"epe_mm": 12.0}]

@@ -42,9 +42,13 @@ def _extra(cell: Cell, art: stages.Artifact, done: dict) -> dict:
     meta_key = cell.node.inputs.get("meta")
     if meta_key and ("meta", meta_key) in done:
         prior = done[("meta", meta_key)]
-        scale = out.get("calibration", {}).get("scale", 1.0)  # the calibrated phi, before its cap
-        out["phi_hist"] = report.histogram(scale * _phi_values(prior))
         out["phi"] = prior.metrics.get("phi", {})
+        applied = art.metrics.get("phi_applied")
+        if applied:  # the phi the target trained with (after calibration's scale and cap)
+            out["phi_hist"], out["phi_applied"] = applied["hist"], True
+        else:  # stages published before it was recorded: the calibrated phi, before its cap
+            scale = out.get("calibration", {}).get("scale", 1.0)
+            out["phi_hist"] = report.histogram(scale * _phi_values(prior))
     return out
 
 
@@ -82,7 +86,23 @@ def record(cell: Cell, done: dict, failed: dict[tuple[str, str], str], preset: s
             "wall_s": round(float(meta.get("duration_s", 0.0)), 3),
             "stage_walls": json.dumps(walls, sort_keys=True),
             "code_version": meta.get("code_version", ""), "device": meta.get("device", ""),
-            "extra": json.dumps(_extra(cell, art, done), sort_keys=True)}
+            "extra": json.dumps(_extra(cell, art, done), sort_keys=True),
+            "curves": json.dumps({n.stage: curve(done[n.id].metrics.get("history", []))
+                                  for n in cell.nodes}, sort_keys=True)}
+
+
+def curve(history: list[dict]) -> list[dict]:
+    """A stage's learning curve from its per-epoch history: the mean training loss parts, and
+    where the epoch validated, the EPE on a fixed slice of the training split and on val."""
+    out = []
+    for h in history:
+        point = {"epoch": h["epoch"], **h.get("train", {})}
+        if "train_eval" in h:
+            point["train_epe_mm"] = h["train_eval"]["epe_mm"]
+        if "val" in h:
+            point["val_epe_mm"] = h["val"]["epe_mm"]
+        out.append(point)
+    return out
 
 
 def table_spec(ab: Ablation, preset: str | None, seeds: list[int]) -> dict:

@@ -31,10 +31,9 @@ import numpy as np
 
 from cmkg.atomic import atomic_path
 from cmkg.errors import DataError
+from cmkg.histograms import BINS, histogram  # noqa: F401 - histogram is part of this API
 from cmkg.report import stats
 from cmkg.yamlfile import dotted, is_number, mapping, unknown_keys
-
-BINS = 101
 
 # figure -> panel -> {key: kind}; every key is required. Kinds: a row label, a list of row
 # labels, two column names, a text, a number.
@@ -265,7 +264,8 @@ def _parameter_panels(spec: dict, records: list[dict], entry: dict) -> list[dict
     hit = _first_extra(spec, records, with_row, "phi_hist")
     if hit is not None:
         phi = hit[1].get("phi") or {}
-        title = f"learned phi ({with_row}, seed {hit[0]})"
+        what = "phi as applied" if hit[1].get("phi_applied") else "learned phi"
+        title = f"{what} ({with_row}, seed {hit[0]})"
         if "fraction_negative" in phi:
             title += f"\n{phi['fraction_negative']:.1%} negative"
         panels.append({"title": title, "edges": hit[1]["phi_hist"]["edges"],
@@ -295,16 +295,6 @@ def _draw_histograms(panels: list[dict], out: str | Path) -> Path:
         ax.set_xlabel(p["xlabel"])
     fig.tight_layout()
     return _save(fig, out)
-
-
-def histogram(values: np.ndarray, lim: float | None = None) -> dict:
-    """``{edges, counts}`` of ``values`` over [-lim, lim] in ``BINS`` bins; lim defaults to the
-    99.9 % quantile of |values| (what a record's ``extra`` theta_hist / phi_hist holds)."""
-    values = np.asarray(values, float)
-    if lim is None:
-        lim = float(np.quantile(np.abs(values), 0.999)) or 1.0
-    edges = np.linspace(-lim, lim, BINS + 1)
-    return {"edges": edges.tolist(), "counts": np.histogram(values, edges)[0].tolist()}
 
 
 def flat_weights(state: dict, names: list[str] | None = None) -> np.ndarray:

@@ -25,7 +25,9 @@ SPEC_KEY = b"cmkg.table"  # schema metadata key of the table spec (JSON)
 # metric column -> (label, decimals); a table may report only these
 METRICS = {"epe_mm": ("EPE (mm)", 2), "auc_20_50": ("AUC 20-50", 3),
            "mean_pose_epe_mm": ("mean pose EPE (mm)", 2)}
-JSON_FIELDS = ("artifacts", "stage_walls", "extra")  # JSON objects stored as strings
+JSON_FIELDS = ("artifacts", "stage_walls", "extra", "curves")  # JSON objects stored as strings
+# columns added after records were committed: a file without them reads them as empty
+OPTIONAL = ("curves",)
 LIST_FIELDS = ("pck_thresholds_mm", "pck", "per_joint_epe_mm")  # empty for a failed cell
 REQUIRED = ("table", "row", "column", "seed", "status")
 STATUSES = ("done", "failed")
@@ -44,6 +46,8 @@ SCHEMA = pa.schema([
     ("stage_walls", pa.string()),  # JSON {stage: seconds} of the whole chain
     ("code_version", pa.string()), ("device", pa.string()), ("preset", pa.string()),
     ("extra", pa.string()),  # JSON: theta_hist, phi_hist {edges, counts}, phi {mean, std, ...}
+    # JSON {stage: [{epoch, loss, reg, ..., train_epe_mm, val_epe_mm}]} of the cell's chain
+    ("curves", pa.string()),
 ])
 
 
@@ -53,7 +57,7 @@ def failed_record(cell: dict, error: str, code_version: str) -> dict:
     return {**cell, "status": "failed", "error": error, "epe_mm": None, "auc_20_50": None,
             "mean_pose_epe_mm": None, "pck_thresholds_mm": [], "pck": [],
             "per_joint_epe_mm": [], "wall_s": None, "stage_walls": "{}",
-            "code_version": code_version, "device": "", "extra": "{}"}
+            "code_version": code_version, "device": "", "extra": "{}", "curves": "{}"}
 
 
 # ---------------------------------------------------------------- writing
@@ -82,10 +86,17 @@ def replace_spec(path: str | Path, spec: dict) -> Path:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError, ValueError) as e:
         raise DataError(f"{path}: not a readable Parquet file ({e})") from None
-    if table.column_names != SCHEMA.names:
+    schema = _schema_of(table)
+    if table.column_names != schema.names:
         raise DataError(f"{path}: columns {table.column_names}, expected {SCHEMA.names}")
     # Parquet reads a list's values back as "element"; SCHEMA's (what was written) are "item"
-    return _write_table(path, table.cast(SCHEMA), spec)
+    return _write_table(path, table.cast(schema), spec)
+
+
+def _schema_of(table: pa.Table) -> pa.Schema:
+    """SCHEMA without the optional columns a file written before them lacks."""
+    return pa.schema([f for f in SCHEMA if f.name in table.column_names
+                      or f.name not in OPTIONAL])
 
 
 def _normalise(record: dict, spec: dict) -> dict:
@@ -159,7 +170,7 @@ def read_records(path: Path) -> tuple[dict, list[dict]]:
         raise DataError(f"{path}: not a readable Parquet file ({e})") from None
     spec = _decode_spec(path, table.schema.metadata or {})
     problems = spec_problems(spec)
-    missing = [n for n in SCHEMA.names if n not in table.column_names]
+    missing = [n for n in SCHEMA.names if n not in table.column_names and n not in OPTIONAL]
     if missing:
         problems.append(f"missing columns {missing}")
     if problems:
@@ -167,7 +178,7 @@ def read_records(path: Path) -> tuple[dict, list[dict]]:
     rows = {r["label"] for r in spec["rows"]}
     columns = {c["name"] for c in spec["columns"]}
     records, cells = [], set()
-    for r in table.select(SCHEMA.names).to_pylist():
+    for r in table.select(_schema_of(table).names).to_pylist():
         where = f"{path}: cell {r['row']!r}/{r['column']!r} seed {r['seed']}"
         if r["table"] != spec["table"] or r["row"] not in rows or r["column"] not in columns:
             raise DataError(f"{where} of table {r['table']!r} is not in the spec of "
@@ -179,7 +190,7 @@ def read_records(path: Path) -> tuple[dict, list[dict]]:
         cells.add((r["row"], r["column"], r["seed"]))
         for name in JSON_FIELDS:
             try:
-                r[name] = json.loads(r[name]) if r[name] else {}
+                r[name] = json.loads(r[name]) if r.get(name) else {}
             except ValueError:
                 raise DataError(f"{where}: field {name} is not JSON") from None
         for name in LIST_FIELDS:

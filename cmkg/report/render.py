@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cmkg.atomic import atomic_path
+from cmkg.report.curves import learning_curves
 from cmkg.report.figures import figure4, figure5
 from cmkg.report.index import readme_markdown
 from cmkg.report.records import load_records
@@ -32,6 +33,9 @@ def render_reports(results_dir: str | Path, out_dir: str | Path) -> list[Path]:
             files[name].append(f"{name}_comparisons.csv")
             written.append(_write(out_dir / f"{name}_comparisons.csv",
                                   comparisons_csv(spec, records, tables)))
+        if learning_curves(spec, records, out_dir / f"{name}_curves.png"):
+            files[name].append(f"{name}_curves.png")
+            written.append(out_dir / f"{name}_curves.png")
     figures = {}
     for name, draw in (("figure4.png", figure4), ("figure5.png", figure5)):
         panels = draw(tables, out_dir / name)

@@ -22,8 +22,9 @@ import torch
 from cmkg.atomic import torch_save, write_json, write_yaml
 from cmkg.config import Config
 from cmkg.console import say
-from cmkg.data import read_manifest
+from cmkg.data import identity_collate, read_manifest
 from cmkg.errors import NumericalError, UserError
+from cmkg.histograms import histogram
 from cmkg.meta import check_phi
 from cmkg.metrics import denormalise, pose_metrics
 from cmkg.parallel import broadcast_module
@@ -35,6 +36,7 @@ from cmkg.stages.plan import Node, plan
 from cmkg.train import FitState, cosine_schedule, evaluate, fit
 
 CHECKPOINT = "checkpoint.pt"
+TRAIN_EVAL = 256  # training samples measured per validated epoch for the learning curves
 
 
 def resolve_device(name: str) -> torch.device:
@@ -161,10 +163,15 @@ def fit_stage(run: StageRun, cfg: Config, spec: dict, train_loader, val_loader,
     """``fit()`` with the stage's objective or update step, validating on the eval set and,
     where the stage has a ``diagnose`` hook, measuring its terms after every epoch."""
     total_steps = spec["epochs"] * len(train_loader)  # K of the prior's figure D: this run's steps
+    modality = DEFS[run.stage].modality
+    # the train EPE of the learning curves: a fixed slice of the training split, no augmentation
+    head = torch.utils.data.Subset(run.train_set, range(min(TRAIN_EVAL, len(run.train_set))))
+    head_loader = torch.utils.data.DataLoader(head, batch_size=256, collate_fn=identity_collate)
     return fit(run.wrapped, run.loss_fn, train_loader,
                run.optimizers[0] if run.update is None else None, spec["epochs"],
                device=device, update=run.update,
-               validate=lambda: evaluate(run.model, val_loader, DEFS[run.stage].modality, device),
+               validate=lambda: evaluate(run.model, val_loader, modality, device),
+               train_metrics=lambda: evaluate(run.model, head_loader, modality, device),
                eval_every=cfg.run.eval_every, state=state, report=report, stage=run.stage,
                progress=cfg.run.progress, scheduler=run.scheduler, keep=cfg.optim.keep,
                diagnose=None if run.diagnose is None else lambda: run.diagnose(total_steps))
@@ -220,6 +227,11 @@ def _metrics(run: StageRun, state: FitState, test: dict) -> dict:
         metrics["prior_strength"] = {k: strength[k] for k in ("lr", "total_steps", "overall")}
     if run.calibration is not None:
         metrics["calibration"] = run.calibration
+    if DEFS[run.stage].prior and run.regularizer is not None and run.regularizer.weighted:
+        # the phi this stage trained with: phi_META after its scale and per-weight cap (Fig. 5)
+        phi = torch.cat([p.detach().double().flatten().cpu() for p in run.regularizer.phi()])
+        metrics["phi_applied"] = {"hist": histogram(phi.numpy()),
+                                  "fraction_negative": float((phi < 0).double().mean())}
     return metrics
 
 
