@@ -19,11 +19,9 @@ import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import yaml
-
 from cmkg.errors import ConfigError
 from cmkg.storage import is_uri
-from cmkg.yamlfile import read_mapping, unknown_keys
+from cmkg.yamlfile import assignment, read_mapping, unknown_keys
 
 PRESET_DIR = Path(__file__).parent / "presets"
 PRESETS = ("smoke", "cpu", "paper")
@@ -369,16 +367,12 @@ def parse_overrides(overrides: list[str]) -> dict:
     out: dict = {}
     problems = []
     for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            problems.append(f"--set {item!r}: expected key=value")
+        parsed = assignment(item, "--set", problems)
+        if parsed is None:
             continue
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            value = raw
+        key, value, _ = parsed
         node = out
-        parts = key.strip().split(".")
+        parts = key.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):

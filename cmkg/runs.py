@@ -46,6 +46,7 @@ from cmkg import config, storage
 from cmkg.config import STAGES, Config
 from cmkg.console import say
 from cmkg.errors import UserError
+from cmkg.yamlfile import assignment
 
 # config entries that cannot change a result: where it ran and was stored, how it printed
 NO_EFFECT = ("run.store", "run.cache", "run.threads", "run.progress", "run.loader_workers",
@@ -216,22 +217,17 @@ def _where(items: list[str], known: set[str]) -> list[tuple[str, object, str]]:
     naming every item that is malformed or whose key no config has."""
     conds, problems = [], []
     for item in items:
-        key, sep, raw = item.partition("=")
-        key, raw = key.strip(), raw.strip()
-        if not sep or not key:
-            problems.append(f"--where {item!r}: expected key=value")
+        parsed = assignment(item, "--where", problems)
+        if parsed is None:
             continue
+        key, value, raw = parsed
         if key not in known:
             leaf = sorted(k for k in known if k.rsplit(".", 1)[-1] == key)
             near = leaf or difflib.get_close_matches(key, sorted(known), n=1)
             hint = f" (did you mean {' or '.join(repr(k) for k in near)}?)" if near else ""
             problems.append(f"--where {key}: unknown config key{hint}")
             continue
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            value = raw
-        conds.append((key, value, raw))
+        conds.append((key, value, raw.strip()))
     if problems:
         raise UserError("\n".join(problems))
     return conds

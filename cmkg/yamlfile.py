@@ -82,6 +82,20 @@ def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def assignment(item: str, flag: str, problems: list[str]) -> tuple[str, object, str] | None:
+    """A command line's ``key=value`` (``--set``, ``--where``): (the key, the value read as
+    YAML, else the text as given, the text); None and a problem naming the flag otherwise."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        problems.append(f"{flag} {item!r}: expected key=value")
+        return None
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value, raw
+
+
 def entries(where: str, spec, defaults: dict, problems: list[str]) -> dict | None:
     """``spec`` (a mapping or null) laid over ``defaults``; a key not in ``defaults`` is a
     problem. None (and a problem) when ``spec`` is not a mapping."""
