@@ -17,15 +17,14 @@ preset, the figures it draws) as JSON under the schema metadata key ``cmkg.table
     render.py    render_reports: all of the above into a folder
 """
 
+from cmkg.histograms import BINS, histogram
 from cmkg.report.figures import (
-    BINS,
     FIGURES,
     check_figures,
-                                 fig5_from_artifacts,
-                                 figure4,
-                                 figure5,
+    fig5_from_artifacts,
+    figure4,
+    figure5,
     flat_weights,
-    histogram,
     parameter_histograms,
 )
 from cmkg.report.index import readme_markdown

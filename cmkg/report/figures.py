@@ -31,7 +31,7 @@ import numpy as np
 
 from cmkg.atomic import atomic_path
 from cmkg.errors import DataError
-from cmkg.histograms import BINS, histogram  # noqa: F401 - histogram is part of this API
+from cmkg.histograms import histogram
 from cmkg.report import stats
 from cmkg.yamlfile import dotted, is_number, mapping, unknown_keys
 

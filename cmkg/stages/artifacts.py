@@ -135,6 +135,11 @@ class Store:
         final = self.final(stage, key)
         return final.with_name(final.name + ".partial")
 
+    def lock(self, stage: str, key: str) -> Path:
+        """The file whose ``lockf`` lock gives one process the right to train the key."""
+        final = self.final(stage, key)
+        return final.with_name(final.name + ".lock")
+
     def location(self, stage: str, key: str) -> str:
         """Where the artifact lives for users: the remote path, or the local folder."""
         return f"{self.base}/{stage}/{key[:20]}" if self.remote else str(self.final(stage, key))
@@ -163,8 +168,7 @@ class Store:
         where = self.location(stage, key)
         if not storage.exists(self.fs, f"{where}/{storage.COMMIT_FILE}"):
             storage.upload_dir(self.final(stage, key), self.fs, where)
-        if storage.exists(self.fs, f"{where}.partial"):  # the resumable checkpoint is spent
-            self.fs.delete_dir(f"{where}.partial")
+        self._drop_remote_partial(stage, key)  # the resumable checkpoint is spent
 
     def publish(self, stage: str, key: str) -> Artifact:
         """Turn the stage's partial folder into its artifact by one rename (then upload it).
@@ -182,8 +186,13 @@ class Store:
         """Remove the stage's partial folder, here and in a remote store: a run that diverged
         or that a sweep stopped is nothing to resume."""
         shutil.rmtree(self.partial(stage, key), ignore_errors=True)
-        if self.remote and storage.exists(self.fs, f"{self.location(stage, key)}.partial"):
-            self.fs.delete_dir(f"{self.location(stage, key)}.partial")
+        if self.remote:
+            self._drop_remote_partial(stage, key)
+
+    def _drop_remote_partial(self, stage: str, key: str) -> None:
+        where = f"{self.location(stage, key)}.partial"
+        if storage.exists(self.fs, where):
+            self.fs.delete_dir(where)
 
     def push_checkpoint(self, stage: str, key: str, local: Path) -> None:
         """Copy the in-process checkpoint to the remote store, so another machine can resume."""
@@ -213,8 +222,7 @@ def writer_lock(store: Store, stage: str, key: str):
     drops it when its owner dies, so a lock is never stale; the file names the owner for the
     waiting side's message. With a remote store the lock lives in this machine's mirror and
     excludes writers on this machine only (publishing stays safe: the first ``meta.json`` wins)."""
-    final = store.final(stage, key)
-    lock = final.with_name(final.name + ".lock")
+    lock = store.lock(stage, key)
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "a+") as f:
         try:
