@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -182,6 +182,47 @@ DOMAINS: dict[str, Domain] = {
 
 def domain_code(name: str) -> int:
     return zlib.crc32(name.encode())
+
+
+# what a preset may change of a named domain (``data.source.knobs``): appearance and viewpoint
+# fields of ``Domain``, and for a sequence domain the number of blocks of sequences (B1..Bn,
+# each a Counting and a Random sequence; B1 stays the test block) and the validation sequences.
+# A variant keeps its domain's name, so its random streams are those of the named domain.
+DOMAIN_KNOBS = ("azimuth", "elevation", "roll", "background", "bg_texture", "distractors",
+                "skin_like_distractors", "occluder_prob", "rgb_noise", "skin_texture")
+SEQUENCE_KNOBS = ("blocks", "val")
+BACKGROUNDS = ("clutter", "indoor", "green", "photo")
+
+
+def variant(domain: str, knobs: dict | None = None) -> Domain:
+    """The named domain with ``knobs`` (a mapping of DOMAIN_KNOBS / SEQUENCE_KNOBS) applied."""
+    if domain not in DOMAINS:
+        raise KeyError(f"unknown domain {domain!r}; choose one of {', '.join(DOMAINS)}")
+    dom = DOMAINS[domain]
+    if not knobs:
+        return dom
+    bad = sorted(set(knobs) - set(DOMAIN_KNOBS) - set(SEQUENCE_KNOBS))
+    if bad:
+        raise KeyError(f"{domain}: no knob {bad[0]!r}; choose from "
+                       f"{', '.join(DOMAIN_KNOBS + SEQUENCE_KNOBS)}")
+    seq_knobs = {k: v for k, v in knobs.items() if k in SEQUENCE_KNOBS}
+    if seq_knobs and dom.sequences is None:
+        raise KeyError(f"{domain}: {', '.join(seq_knobs)} only apply to a sequence domain")
+    sequences = dom.sequences
+    if seq_knobs:
+        names = sequences.names
+        if "blocks" in seq_knobs:
+            names = tuple(f"B{b}{kind}" for b in range(1, int(seq_knobs["blocks"]) + 1)
+                          for kind in ("Counting", "Random"))
+        val = tuple(seq_knobs.get("val", sequences.val))
+        missing = [v for v in (*val, *sequences.test) if v not in names]
+        if missing:
+            raise KeyError(f"{domain}: sequence {missing[0]!r} is not among {names[0]}..{names[-1]}")
+        if set(val) & set(sequences.test):
+            raise KeyError(f"{domain}: validation sequences overlap the test sequences")
+        sequences = replace(sequences, names=names, val=val)
+    return replace(dom, sequences=sequences,
+                   **{k: v for k, v in knobs.items() if k in DOMAIN_KNOBS})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -697,10 +738,11 @@ def _sequence_scene(domain: str, dom: Domain, seed: int, seq: int, frames: np.nd
 
 
 def render_sequence_block(domain: str, seed: int, size: int, seq: int, block: int,
-                          length: int) -> dict[str, np.ndarray]:
+                          length: int, knobs: dict | None = None) -> dict[str, np.ndarray]:
     """Frames [block * BLOCK, min((block + 1) * BLOCK, length)) of sequence ``seq`` of the
-    sequence domain ``domain``, each sequence ``length`` frames long (see ``render``)."""
-    dom = DOMAINS[domain]
+    sequence domain ``domain`` (with ``knobs``, see ``variant``), each sequence ``length``
+    frames long (see ``render``)."""
+    dom = variant(domain, knobs)
     frames = np.arange(block * BLOCK, min((block + 1) * BLOCK, length))
     scene, bg, skin_noise = _sequence_scene(domain, dom, seed, seq, frames, length, size)
     _, gen = _seeds(domain, seed, 2, seq, block)  # per-frame pixel and depth noise
@@ -714,15 +756,14 @@ def render_sequence_block(domain: str, seed: int, size: int, seq: int, block: in
 # ---------------------------------------------------------------------------------------------
 
 def render_range(domain: str, seed: int, size: int, start: int, stop: int,
-                 frames: int | None = None) -> dict[str, np.ndarray]:
-    """Samples [start, stop) of the stream (domain, seed, size), rendered block by block.
+                 frames: int | None = None, knobs: dict | None = None) -> dict[str, np.ndarray]:
+    """Samples [start, stop) of the stream (domain, seed, size), rendered block by block, of the
+    named domain with ``knobs`` applied (``variant``).
 
     The stream of a sequence domain is its sequences one after the other, ``frames`` frames
     each (default SEQUENCE_FRAMES; an i.i.d. domain ignores it): sample i is frame
     i % frames of sequence i // frames, and the stream ends after the last sequence."""
-    if domain not in DOMAINS:
-        raise KeyError(f"unknown domain {domain!r}; choose one of {', '.join(DOMAINS)}")
-    dom = DOMAINS[domain]
+    dom = variant(domain, knobs)
     parts = []
     if dom.sequences is None:
         for block in range(start // BLOCK, (stop - 1) // BLOCK + 1):
@@ -739,7 +780,7 @@ def render_range(domain: str, seed: int, size: int, start: int, stop: int,
     for seq in range(start // frames, (stop - 1) // frames + 1):
         a, b = max(start - seq * frames, 0), min(stop - seq * frames, frames)
         for block in range(a // BLOCK, (b - 1) // BLOCK + 1):
-            out = render_sequence_block(domain, seed, size, seq, block, frames)
+            out = render_sequence_block(domain, seed, size, seq, block, frames, knobs)
             lo, hi = max(a - block * BLOCK, 0), min(b - block * BLOCK, BLOCK)
             parts.append({k: v[lo:hi] for k, v in out.items()})
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

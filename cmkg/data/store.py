@@ -249,14 +249,19 @@ def existing(out: Path, source: dict) -> dict | None:
 # ---------------------------------------------------------------------------------------------
 
 def synth_source(domain: str, num: int, size: int, seed: int,
-                 split: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> dict:
+                 split: tuple[float, float, float] = (0.8, 0.1, 0.1),
+                 knobs: dict | None = None) -> dict:
     """The generator config that content-addresses a synthetic dataset.
 
     A sequence domain (stb-like) is split by sequence, not by ``split``: its source records
-    the sequences of each split and the frames per sequence instead of the fractions."""
+    the sequences of each split and the frames per sequence instead of the fractions. The
+    domain's ``knobs`` (``synth.variant``) are recorded only when some are set, so a named
+    domain's address is what it was before knobs existed."""
     source = {"generator": "cmkg.synth", "version": synth.GENERATOR_VERSION, "domain": domain,
               "num": int(num), "size": int(size), "seed": int(seed)}
-    seqs = synth.DOMAINS[domain].sequences if domain in synth.DOMAINS else None
+    if knobs:
+        source["knobs"] = {k: knobs[k] for k in sorted(knobs)}
+    seqs = synth.variant(domain, knobs).sequences if domain in synth.DOMAINS else None
     if seqs is None:
         return {**source, "split": [float(x) for x in split]}
     return {**source, "sequence_version": synth.SEQUENCE_VERSION,
@@ -269,13 +274,13 @@ def split_counts(num: int, split: tuple[float, float, float]) -> dict[str, int]:
     return {"train": num - val - test, "val": val, "test": test}
 
 
-def _blocks(domain: str, num: int, split: tuple[float, float, float]):
+def _blocks(domain: str, num: int, split: tuple[float, float, float], knobs: dict | None = None):
     """What to render, in writing order: (split, stream start, stream stop, sample ids).
 
     i.i.d. domain: contiguous, disjoint ranges of the sample stream, train first, then val,
     then test, ids = stream indices. Sequence domain: every sequence of a split, whole, ids
     ``ID_STRIDE * sequence index + frame``."""
-    seqs = synth.DOMAINS[domain].sequences
+    seqs = synth.variant(domain, knobs).sequences
     if seqs is None:
         counts, first = split_counts(num, split), 0
         for name in SPLITS:
@@ -295,7 +300,7 @@ def _blocks(domain: str, num: int, split: tuple[float, float, float]):
 
 def synthesize(out: str | Path, domain: str, num: int, size: int, seed: int = 0,
                split: tuple[float, float, float] = (0.8, 0.1, 0.1), shard_size: int = 1000,
-               progress: bool = True) -> dict:
+               progress: bool = True, knobs: dict | None = None) -> dict:
     """Render ``num`` paired samples of ``domain`` into the dataset folder ``out``.
 
     Reuses ``out`` when it already holds this exact config (returns its manifest); refuses to
@@ -304,22 +309,27 @@ def synthesize(out: str | Path, domain: str, num: int, size: int, seed: int = 0,
     sequence domain (stb-like) ignores ``split``: it renders ``num // S`` frames of each of its
     S sequences (the remainder ``num % S`` is dropped, so the dataset holds S * (num // S)
     samples) and splits by sequence, B1Counting and B1Random -> test, B6Random -> val, the
-    rest -> train (``synth.Sequences``; the manifest's source lists them)."""
+    rest -> train (``synth.Sequences``; the manifest's source lists them). ``knobs`` change
+    the named domain's appearance, viewpoint or sequences (``synth.variant``)."""
     if domain not in synth.DOMAINS:
         raise DataError(f"unknown domain {domain!r}; choose one of {', '.join(synth.DOMAINS)}")
-    seqs = synth.DOMAINS[domain].sequences
+    try:
+        seqs = synth.variant(domain, knobs).sequences
+    except KeyError as e:
+        raise DataError(e.args[0]) from None
     if seqs is not None and not 1 <= num // len(seqs.names) < synth.ID_STRIDE:
         raise DataError(f"{domain}: num={num} samples for {len(seqs.names)} sequences; it "
                         f"needs between 1 and {synth.ID_STRIDE - 1} frames per sequence")
     out = Path(out)
-    source = synth_source(domain, num, size, seed, split)
+    source = synth_source(domain, num, size, seed, split, knobs)
     if (done := existing(out, source)) is not None:
         return done
     if out.exists():
         out.rmdir()
     start = time.perf_counter()
     try:
-        _render_into(out, source, domain, seed, size, num, split, shard_size, progress, start)
+        _render_into(out, source, domain, seed, size, num, split, shard_size, progress, start,
+                     knobs)
     except OSError:
         # another process (a second worker) published the same dataset first: use theirs
         if (out / "manifest.json").exists() and read_manifest(out).get("key") == config_key(source):
@@ -335,16 +345,17 @@ def synthesize(out: str | Path, domain: str, num: int, size: int, seed: int = 0,
 
 def _render_into(out: Path, source: dict, domain: str, seed: int, size: int, num: int,
                  split: tuple[float, float, float], shard_size: int, progress: bool,
-                 start: float) -> None:
-    seqs = synth.DOMAINS[domain].sequences
-    # the stream of a sequence domain depends on its length: pass it (positionally) then only
-    extra = () if seqs is None else (num // len(seqs.names),)
-    blocks = list(_blocks(domain, num, split))
+                 start: float, knobs: dict | None = None) -> None:
+    seqs = synth.variant(domain, knobs).sequences
+    # the stream of a sequence domain depends on its length
+    frames = None if seqs is None else num // len(seqs.names)
+    blocks = list(_blocks(domain, num, split, knobs))
     total = sum(hi - lo for _, lo, hi, _ in blocks)
     done = 0
     with DatasetWriter(out, source, size, with_depth=True, shard_size=shard_size) as writer:
         for name, lo, hi, ids in blocks:
-            writer.add(name, synth.render_range(domain, seed, size, lo, hi, *extra), ids=ids)
+            writer.add(name, synth.render_range(domain, seed, size, lo, hi, frames, knobs),
+                       ids=ids)
             done += hi - lo
             if progress and sys.stderr.isatty():
                 rate = done / (time.perf_counter() - start)

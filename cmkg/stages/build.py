@@ -7,6 +7,7 @@ synthetic dataset is rendered into ``data.root`` on first use (``ensure_dataset`
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,10 +36,13 @@ def ensure_dataset(spec: DataSpec, cfg: Config) -> Path:
                               "manifest.json")
     if spec.path is not None:
         return Path(spec.path)
-    source = synth_source(spec.domain, spec.num, spec.size, spec.seed, tuple(cfg.data.split))
+    knobs = spec.knobs.set()
+    source = synth_source(spec.domain, spec.num, spec.size, spec.seed, tuple(cfg.data.split),
+                          knobs)
     name = f"{spec.domain}-{spec.size}px-n{spec.num}-seed{spec.seed}-{digest(source)[:10]}"
     out = Path(cfg.data.root) / "synth" / name
-    synthesize(out, spec.domain, spec.num, spec.size, spec.seed, tuple(cfg.data.split))
+    synthesize(out, spec.domain, spec.num, spec.size, spec.seed, tuple(cfg.data.split),
+               knobs=knobs)
     return out
 
 
@@ -102,13 +106,49 @@ def _data(stage: str, cfg: Config) -> StageRun:
     train_roots = [ensure_dataset(s, cfg) for s in stage_datasets(stage, cfg)]
     eval_root = train_roots[0]
     train_set = HandDataset(train_roots, "train", d.reads)
+    if d.learns_prior and cfg.meta.subset != "all":  # a split-half diagnostic of phi
+        train_set = take(train_set, halves(len(train_set))[cfg.meta.subset])
     if len(train_set) < cfg.optim.batch_size:
         raise DataError(f"{train_roots[0]}: {len(train_set)} training samples, fewer than one "
-                        f"batch (optim.batch_size={cfg.optim.batch_size})")
+                        f"batch (optim.batch_size={cfg.optim.batch_size})"
+                        + (f" in meta.subset={cfg.meta.subset}" if d.learns_prior else ""))
     val_set = HandDataset(eval_root, "val", (d.modality,))
     test_set = HandDataset(eval_root, "test", (d.modality,))
     return StageRun(stage, None, None, [], None, None, train_set, val_set, test_set,
                     train_roots, eval_root)
+
+
+HALVES_SEED = 20200614  # fixed: the halves of a training split are the same for every run
+
+
+def halves(n: int) -> dict[str, np.ndarray]:
+    """Two fixed disjoint halves of ``range(n)`` that cover it (``meta.subset``): a permutation
+    drawn from a fixed seed, split in the middle, each half sorted. Depends on ``n`` only."""
+    order = np.random.default_rng(HALVES_SEED).permutation(n)
+    return {"half0": np.sort(order[: n // 2]), "half1": np.sort(order[n // 2:])}
+
+
+def take(ds: HandDataset, idx: np.ndarray) -> HandDataset:
+    """A copy of ``ds`` holding the samples ``idx`` only: every per-sample array (and every
+    per-sample array in a dict of them, the images) indexed, the rest shared."""
+    n, out = len(ds), copy.copy(ds)
+    for name, value in vars(ds).items():
+        if isinstance(value, np.ndarray) and value.shape[:1] == (n,):
+            setattr(out, name, value[idx])
+        elif isinstance(value, dict) and value and all(
+                isinstance(v, np.ndarray) and v.shape[:1] == (n,) for v in value.values()):
+            setattr(out, name, {k: v[idx] for k, v in value.items()})
+    assert len(out) == len(idx), "HandDataset.take: the sample count is not len(target)"
+    return out
+
+
+def order_seed(stage: str, cfg: Config) -> int:
+    """The seed of a stage's training-data order (its loader's generator): ``run.seed``, or for
+    the meta stage ``meta.order_seed`` where set (a split-half diagnostic of phi: the same
+    student and teacher, another order)."""
+    if DEFS[stage].learns_prior and cfg.meta.order_seed is not None:
+        return cfg.meta.order_seed
+    return cfg.run.seed
 
 
 def _warm_start(run: StageRun, upstream: dict[str, Artifact], device: torch.device):
@@ -137,12 +177,20 @@ def _distillation(run: StageRun, cfg: Config, upstream: dict[str, Artifact],
 def _meta_learning(run: StageRun, cfg: Config, upstream: dict[str, Artifact],
                    device: torch.device) -> None:
     """meta (Algorithm 1): the student's distillation fine-tuning while phi is learned. No DDP:
-    gradients are averaged by hand (``parallel.mean_across``)."""
-    teacher, adapter = _warm_start(run, upstream, device)
-    model = run.model
-    run.trainable = torch.nn.ModuleDict({"student": model, "adapter": adapter})
-    run.optimizers = [_adam(cfg, run.trainable.parameters())]
+    gradients are averaged by hand (``parallel.mean_across``).
+
+    ``meta.teacher=false`` (the teacher-free control): G = L_REG, the teacher is neither an
+    input of the stage (``defs.depends``) nor loaded, and there is no adapter."""
     r, m = cfg.regularizer, cfg.meta
+    model = run.model
+    if m.teacher:
+        teacher, adapter = _warm_start(run, upstream, device)
+        run.trainable = torch.nn.ModuleDict({"student": model, "adapter": adapter})
+    else:
+        model.load_state_dict(upstream["student"].load_model().state_dict())
+        teacher = adapter = None
+        run.trainable = torch.nn.ModuleDict({"student": model})
+    run.optimizers = [_adam(cfg, run.trainable.parameters())]
     if r.form not in WEIGHTED:
         raise UserError(f"regularizer.form={r.form}: the meta stage learns phi of a "
                         f"weighted form ({', '.join(WEIGHTED)})")
@@ -158,18 +206,26 @@ def _meta_learning(run: StageRun, cfg: Config, upstream: dict[str, Artifact],
         model, adapter, teacher, reg, batch, run.optimizers[0], phi_opt, alpha=m.alpha,
         steps=m.inner_steps, first_order=m.first_order, phi_clip=clip,
         reduce=parallel.mean_across, **asdict(cfg.distill), reduction=asdict(cfg.reduction))
-    run.diagnose = diagnostics.meta_diagnose(
-        model, adapter, teacher,
-        diagnostics.fixed_batch(run.train_set, cfg.optim.batch_size, device),
-        **asdict(cfg.distill), reduction=asdict(cfg.reduction))
+    if teacher is not None:  # teacher-free, G has one term: no shares to measure
+        run.diagnose = diagnostics.meta_diagnose(
+            model, adapter, teacher,
+            diagnostics.fixed_batch(run.train_set, cfg.optim.batch_size, device),
+            **asdict(cfg.distill), reduction=asdict(cfg.reduction))
 
 
 def _target(run: StageRun, cfg: Config, spec: dict, upstream: dict[str, Artifact],
             device: torch.device, wrap: Callable) -> None:
-    """target (Algorithm 2): a fresh student, F = L_REG + R(theta; phi_META)."""
+    """target (Algorithm 2): a fresh student, F = L_REG + R(theta; phi_META), with phi_META
+    as the config applies it: strength -> sign -> control (``regularizers.applied``) -> the
+    calibration's scale and cap. Everything downstream (the objective, the diagnostics' D, the
+    ``phi_applied`` histogram) sees that phi."""
     r, model = cfg.regularizer, run.model
-    reg = (_learned_prior(upstream["meta"], cfg, spec, model) if r.form in WEIGHTED
-           else regularizers.build(r.form, model, params=r.params, sigma=r.sigma))
+    if r.form in WEIGHTED:
+        reg = regularizers.applied(
+            _learned_prior(upstream["meta"], cfg, spec, model), strength=r.strength,
+            sign=r.sign, control=r.phi_control, seed=cfg.run.seed)
+    else:
+        reg = regularizers.build(r.form, model, params=r.params, sigma=r.sigma)
     run.regularizer = reg = reg.to(device)
     if r.form in WEIGHTED and r.calibrate_d is not None:
         run.calibration = calibrate(run, cfg, spec, device)
@@ -214,7 +270,8 @@ def calibrate(run: StageRun, cfg: Config, spec: dict, device: torch.device) -> d
         run.regularizer, run.model, batches, lr=cfg.optim.lr, total_steps=total_steps,
         d_target=r.calibrate_d, d_cap=r.d_cap, reduction=cfg.reduction.reg)
     m = cfg.meta
-    if r.phi_param == "free" and r.phi_init == 0 and m.phi_optimizer == "sgd":
+    if (r.phi_param == "free" and r.phi_init == 0 and m.phi_optimizer == "sgd"
+            and r.sign == "learned" and r.phi_control in ("none", "other_seed")):
         info["beta_equivalent"] = m.beta * info["scale"]  # Algorithm 1's beta, to first order
     reached = "" if info["d_median"] > 0.99 * r.calibrate_d else (
         f" (set {r.calibrate_d:g}: beyond what Adam's normalisation allows at this lr x steps)")
