@@ -7,7 +7,7 @@
     cmkg train {teacher,student,kd,meta,target} [CONFIG] [RESOURCES]
     cmkg tune SPACE.yaml [CONFIG] [--resume] [--storage URL] [--trials N]
               [--time-budget SECONDS] [--address ADDR] [--cpus-per-worker N] [--gpus-per-worker G]
-    cmkg ablate ABLATION.yaml... [CONFIG] [RESOURCES] [--seeds N] [--dry-run]
+    cmkg ablate ABLATION.yaml... [CONFIG] [RESOURCES] [--seeds N] [--choice-seeds K] [--dry-run]
                 [--report DIR] [--force]
     cmkg reproduce [same options]             # ablations/table{1,2,3}.yaml, then the report
     cmkg report [--report DIR] [--results DIR]    # tables and figures from the records only
@@ -84,7 +84,11 @@ def _add_resource_args(p: argparse.ArgumentParser, cpus_default: int | None) -> 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     _add_config_args(p)
     _add_resource_args(p, cpus_default=1)
-    p.add_argument("--seeds", type=int, help="seeds 0..N-1 (default: the ablation file's)")
+    p.add_argument("--seeds", type=int, help="N report seeds: 0..N-1, or the first N after "
+                   "the choice seeds (default: the ablation file's)")
+    p.add_argument("--choice-seeds", type=int, metavar="K",
+                   help="make the choose rows' choices on seeds 0..K-1 and report on other "
+                   "seeds; 0: the report seeds choose (default: the ablation file's)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the cells and stages, cached and to train, and the work; no training")
     p.add_argument("--report", help="report folder (default: {store}/reports/{preset}; "
@@ -391,6 +395,7 @@ def _cmd_ablate(args) -> int:
     _check_resources(args)
     overrides = _overrides(args)
     return ablation.run(_ablation_files(args), args.config, overrides, seeds=args.seeds,
+                        choice_seeds=args.choice_seeds,
                         dry=args.dry_run, report_dir=args.report or _default_report(
                             args.config, overrides), force=args.force, address=args.address,
                         cpus_per_worker=args.cpus_per_worker,

@@ -4,7 +4,8 @@ An ablation file (``ablations/table*.yaml``) describes one of the paper's tables
 
     table: table2
     title: "Table 2: regularizers on the target"
-    seeds: 3                       # default of --seeds
+    seeds: 3                       # report seeds: a count (default of --seeds) or a list
+    choice_seeds: 3                # optional: choose rows choose on seeds 0-2, report on 3-5
     set: {}                        # overrides of the base config for every cell
     scale:                         # per preset: overrides and a note the report prints
       cpu: {set: {epochs.target: 10}, note: "target trained for 10 epochs"}
@@ -31,7 +32,11 @@ own epochs plus those stages' (Table 1's control: an RGB student trained as long
 A row with ``choose`` is a selection done the honest way: every value runs (a cell per value,
 column and seed, the value layered after the row's ``set``), and per column the value whose cells
 reach the lowest best validation EPE, averaged over the seeds, becomes the row; test metrics play
-no part in the choice, and the report notes the value chosen and every value's val EPE.
+no part in the choice, and the report notes the value chosen and every value's val EPE. With
+``choice_seeds`` (or ``--choice-seeds K``) the choice is made on those seeds alone, one value
+for the row, which then runs on the report seeds, other seeds (fresh-seed confirmation; the
+other values never run there). A row with ``tuned: PATH/best.yaml`` takes a sweep's best trial
+(``tuned.py``); its report seeds must be other than the sweep's.
 
 Every cell's ``stages.plan`` is unioned by (stage, key): Table 2's seven rows share one teacher,
 one student and one phi per weighted form per seed. What the store lacks is trained (by the Ray
@@ -39,7 +44,9 @@ layer, ``cmkg.cluster.ablate``); each finished cell becomes a *result record* (`
 metrics, artifact keys, wall times, code version, device — the only input of ``cmkg report``.
 
     spec.py      the ablation file: Ablation, Column, Row and the strict loader ``load``
-    cells.py     expand into cells, the union of their plans, the work estimate, ``choose``
+    cells.py     expand into cells, the union of their plans, the work estimate, ``choose``,
+                 the seeds (``seed_plan``: report and choice seeds)
+    tuned.py     tuned rows: a sweep's best.yaml read, its seeds checked against the report's
     results.py   result records, the table spec
     runner.py    ``run`` (with its overwrite guard), ``dry_run``, the status line
     migrate.py   ``refresh_spec``: a stored spec's figures and comparison kinds from the ablation file
@@ -49,9 +56,11 @@ from cmkg.ablation.cells import (
     WORK_FACTOR,
     Cell,
     choose,
+    decisions,
     expand,
     notes,
     preset_of,
+    seed_plan,
     seeds_of,
     train_samples,
     union,
@@ -64,7 +73,7 @@ from cmkg.ablation.spec import METRICS, Ablation, Column, Row, load
 
 __all__ = [
     "LOWER_IS_BETTER", "METRICS", "WORK_FACTOR", "Ablation", "Cell", "Column", "Row",
-    "check_overwrite", "choose", "dry_run", "expand", "fingerprint", "load", "notes",
-    "preset_of", "record", "refresh_spec", "run", "seeds_of",
+    "check_overwrite", "choose", "decisions", "dry_run", "expand", "fingerprint", "load", "notes",
+    "preset_of", "record", "refresh_spec", "run", "seed_plan", "seeds_of",
     "status_line", "table_spec", "train_samples", "union", "work",
 ]

@@ -1,9 +1,11 @@
-"""What a run leaves for the report: one result record per cell, and the table's spec (with
-phi's order-free statistics come from the target cells' ``extra``) stored beside them."""
+"""What a run leaves for the report: one result record per cell, the table's spec (phi's
+order-free statistics come from the target cells' ``extra``) stored beside them, and a contact
+sheet per dataset the cells read (``{report}/data/{name}.png``, linked from the index)."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,7 @@ from cmkg import report, stages
 from cmkg.ablation.cells import Cell, notes
 from cmkg.ablation.spec import Ablation
 from cmkg.config import Config
+from cmkg.console import say
 
 LOWER_IS_BETTER = {"epe_mm": True, "auc_20_50": False}
 
@@ -55,7 +58,7 @@ def _extra(cell: Cell, art: stages.Artifact, done: dict) -> dict:
 def fingerprint(cfg: Config) -> str:
     """sha256 of the resolved config without the fields that cannot change a result."""
     d = cfg.to_dict()
-    for k in ("store", "cache", "threads", "progress", "loader_workers", "device"):
+    for k in ("store", "cache", "threads", "progress", "loader_workers", "device", "tracking"):
         d["run"].pop(k, None)
     d["data"].pop("root", None)
     return config_mod.digest(d)
@@ -105,8 +108,12 @@ def curve(history: list[dict]) -> list[dict]:
     return out
 
 
-def table_spec(ab: Ablation, preset: str | None, seeds: list[int]) -> dict:
-    """The table's description stored beside its records (what ``cmkg report`` renders)."""
+def table_spec(ab: Ablation, preset: str | None, seeds: list[int],
+               choice_seeds: list[int] | None = None, sheets: list[dict] | None = None) -> dict:
+    """The table's description stored beside its records (what ``cmkg report`` renders):
+    ``seeds`` are the report seeds; ``choice_seeds`` (stored where the table has a ``choose``
+    row) those its choices were made on; ``sheets`` the contact sheets of its datasets
+    (``data_sheets``)."""
     spec = {"table": ab.table, "title": ab.title, "caption": ab.caption,
             "regenerates": ab.regenerates, "source": Path(ab.path).name,
             "columns": [{"name": c.name, "title": c.title, "metrics": c.metrics, "stage": c.stage}
@@ -116,4 +123,57 @@ def table_spec(ab: Ablation, preset: str | None, seeds: list[int]) -> dict:
             "lower_is_better": LOWER_IS_BETTER, "seeds": seeds, "preset": preset or "custom"}
     if ab.figures:
         spec["figures"] = ab.figures
+    if choice_seeds is not None and any(r.choose is not None for r in ab.rows):
+        spec["choice_seeds"] = list(choice_seeds)
+    if sheets:
+        spec["data_sheets"] = sheets
     return spec
+
+
+SHEET_SAMPLES = 16  # samples per contact sheet in a report
+
+
+def _sheet_name(spec) -> str:
+    """A dataset's file name in ``{report}/data/``: its domain, or a folder's name."""
+    name = Path(str(spec.path).rstrip("/")).name if spec.path is not None else spec.domain
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "dataset"
+
+
+def data_sheets(cells: list[Cell]) -> tuple[list[dict], dict]:
+    """One contact sheet per dataset the cells' stages read, named by domain (the first of the
+    cells' datasets with that name): ([{name, role, split, file}], {name: (DataSpec, config)}).
+    A target set shows its test split, a paired source set (and Table 1's extra set) every
+    split in turn."""
+    found: dict[str, tuple] = {}
+    entries = []
+    for cell in cells:
+        for node in cell.nodes:
+            target = stages.DEFS[node.stage].data == "target"
+            for i, spec in enumerate(stages.stage_datasets(node.stage, node.cfg)):
+                name = _sheet_name(spec)
+                if name in found:
+                    continue
+                role = "target" if target else ("source" if i == 0 else "augment")
+                found[name] = (spec, node.cfg)
+                entries.append({"name": name, "role": role,
+                                "split": "test" if target else None,
+                                "file": f"data/{name}.png"})
+    return entries, found
+
+
+def write_sheets(entries: list[dict], found: dict, out: Path) -> list[Path]:
+    """Draw ``entries`` (``data_sheets``) into ``out`` (``out/data/{name}.png``, 16 samples
+    each), rendering a synthetic set first where it is not there yet. A sheet that cannot be
+    drawn costs a warning line, never the report."""
+    from cmkg.data.sheet import contact_sheet
+
+    written = []
+    for e in entries:
+        spec, cfg = found[e["name"]]
+        try:
+            root = stages.ensure_dataset(spec, cfg)
+            written.append(contact_sheet(root, out / e["file"], split=e["split"],
+                                         n=SHEET_SAMPLES).out)
+        except Exception as exc:  # noqa: BLE001 - a missing picture must not cost the report
+            say(f"warning: no contact sheet of {e['name']} ({type(exc).__name__}: {exc})")
+    return written

@@ -1,5 +1,9 @@
 """The runner: what to train for a set of ablation files, trained by the Ray layer
-(``cmkg.cluster.ablate.execute``), then the records and the report; and its dry run."""
+(``cmkg.cluster.ablate.execute``), then the records and the report; and its dry run.
+
+With choice seeds (``cells.seed_plan``) a run has two rounds: first every cell whose value is
+known and the ``choose`` rows' cells on the choice seeds; then, the rows' values chosen on
+those, the chosen values' cells on the report seeds (the other values' are never trained)."""
 
 from __future__ import annotations
 
@@ -11,9 +15,24 @@ from pathlib import Path
 
 import numpy as np
 
-from cmkg import report, stages
-from cmkg.ablation.cells import Cell, choose, expand, preset_of, union, value_text, work
-from cmkg.ablation.results import record, table_spec
+from cmkg import report, stages, tracking
+from cmkg.ablation.cells import (
+    Cell,
+    choose,
+    chosen_later,
+    decisions,
+    expand,
+    first_round,
+    needed,
+    preset_of,
+    record_choice,
+    seed_text,
+    tuned_choice,
+    union,
+    value_text,
+    work,
+)
+from cmkg.ablation.results import data_sheets, record, table_spec, write_sheets
 from cmkg.ablation.spec import Ablation, load
 from cmkg.console import duration, say
 from cmkg.errors import DataError, UserError
@@ -31,16 +50,31 @@ def dry_run(abs_cells: list[tuple[Ablation, list[Cell]]], store: stages.Store) -
     """The cells, the unique stages they need, which are cached and which would be trained,
     and the estimated work; trains nothing."""
     lines = []
+    everything = [c for _, cells in abs_cells for c in cells]
+    found = {n.id: store.get(n.stage, n.key) for n in union(everything)}
+    cached = {i for i, art in found.items() if art is not None}
+    done = {i: art for i, art in found.items() if art is not None}
+    # with choice seeds: the report cells of the values chosen where the choice is cached, of
+    # every value where it is still to be made
+    chosen = {ab.table: decisions(ab, cells, done) for ab, cells in abs_cells}
+    later = {ab.table: chosen_later(ab, cells) for ab, cells in abs_cells}
+    abs_cells = [(ab, needed(ab, cells, chosen[ab.table])) for ab, cells in abs_cells]
     all_cells = [c for _, cells in abs_cells for c in cells]
     nodes = union(all_cells)
-    found = {n.id: store.get(n.stage, n.key) for n in nodes}
-    cached = {i for i, art in found.items() if art is not None}
     for ab, cells in abs_cells:
+        report = {c.seed for c in cells if not c.choosing}
+        choice = {c.seed for c in cells if c.choosing}
         lines.append(f"{ab.table} ({ab.path}): {len(ab.rows)} rows x {len(ab.columns)} columns "
-                     f"x {len({c.seed for c in cells})} seeds")
+                     f"x {len(report)} seeds"
+                     + (f" ({seed_text(report)}; choices on seeds {seed_text(choice)})"
+                        if choice else ""))
         for c in cells:
             mark = "done" if all(n.id in cached for n in c.nodes) else "to run"
             row = c.row if c.candidate is None else f"{c.row} [{value_text(c.candidate)}]"
+            if c.choosing:
+                mark += ", chooses"
+            elif (c.row, c.column) in later[ab.table] - set(chosen[ab.table]):
+                mark += " if chosen"
             lines.append(f"  {row!r:28s} {c.column:12s} seed {c.seed}  "
                          f"{c.node.stage} {c.node.key[:12]}  {mark}")
     lines.append("stages:")
@@ -80,17 +114,22 @@ def check_overwrite(results: Path, cells_of: list[tuple[Ablation, list[Cell]]],
         path = results / f"{ab.table}.parquet"
         if not path.exists():
             continue
-        mine = {"preset": preset or "custom", "seeds": sorted({c.seed for c in cells})}
+        mine = {"preset": preset or "custom",
+                "seeds": sorted({c.seed for c in cells if not c.choosing}),
+                "choice_seeds": sorted({c.seed for c in cells if c.choosing}) or None}
         try:
             spec = report.read_spec(path)
-            theirs = {"preset": spec.get("preset"), "seeds": sorted(spec.get("seeds") or [])}
+            theirs = {"preset": spec.get("preset"), "seeds": sorted(spec.get("seeds") or []),
+                      "choice_seeds": sorted(spec.get("choice_seeds") or []) or None}
         except DataError as e:
             clashes.append(f"{e}")
             continue
         if theirs != mine:
+            choice = "" if theirs["choice_seeds"] == mine["choice_seeds"] else (
+                f" (choice seeds {theirs['choice_seeds']} there, {mine['choice_seeds']} here)")
             clashes.append(f"{path} holds the records of preset {theirs['preset']!r}, seeds "
                            f"{theirs['seeds']}; this run is preset {mine['preset']!r}, seeds "
-                           f"{mine['seeds']}")
+                           f"{mine['seeds']}{choice}")
     if clashes:
         raise UserError("; ".join(clashes) + ": pass --force to replace them")
 
@@ -138,8 +177,9 @@ def _progress(todo: list[stages.Node], done: dict, failed: dict, store: stages.S
 
 def _write_results(ab: Ablation, cells: list[Cell], done: dict, failed: dict,
                    preset: str | None, store: stages.Store, results: Path) -> None:
-    """The table's records (the chosen values of its ``choose`` rows), its spec with the
-    choices' notes, into the store and the report's results folder."""
+    """The table's records (the chosen values of its ``choose`` rows, on the report seeds),
+    its spec with the choices' notes and its datasets' sheets, into the store and the report's
+    results folder."""
     picked, choice_notes, chosen = choose(ab, cells, done)
     recs = []
     for c in picked:
@@ -147,12 +187,31 @@ def _write_results(ab: Ablation, cells: list[Cell], done: dict, failed: dict,
         if (c.row, c.column) in chosen:
             rec["extra"] = json.dumps({**json.loads(rec["extra"]),
                                        "chosen": chosen[(c.row, c.column)]}, sort_keys=True)
+        row = ab.row(c.row)
+        rec.update(tuned_choice(row) if row.tuned is not None
+                   else record_choice(ab, c, cells, chosen.get((c.row, c.column))))
         recs.append(rec)
-    spec = table_spec(ab, preset, sorted({c.seed for c in cells}))
+    choice = sorted({c.seed for c in cells if c.choosing}) or None
+    spec = table_spec(ab, preset, sorted({c.seed for c in cells if not c.choosing}), choice,
+                      data_sheets(picked)[0])
     spec["notes"] = spec["notes"] + choice_notes
     report.write_records(store.root / "_results" / (preset or "custom") / f"{ab.table}.parquet",
                          spec, recs)
     report.write_records(results / f"{ab.table}.parquet", spec, recs)
+
+
+def _train(cells: list[Cell], done: dict, failed: dict, store: stages.Store, started: float,
+           execute) -> list[stages.Node]:
+    """Train what ``cells`` need and the store lacks (seed by seed, stable, so upstream stays
+    first: an interrupted run has whole seeds); returns those nodes."""
+    nodes = union(cells)
+    say(status_line(cells, nodes, set(done)))
+    todo = sorted((n for n in nodes if n.id not in done and n.id not in failed),
+                  key=lambda n: n.cfg.run.seed)
+    if todo:
+        _render_datasets(todo)
+        execute(todo, _progress(todo, done, failed, store, started))
+    return todo
 
 
 def _summary(cells: list[Cell], nodes: list, todo: list, done: dict, failed: dict,
@@ -174,8 +233,8 @@ def _summary(cells: list[Cell], nodes: list, todo: list, done: dict, failed: dic
 
 
 def run(paths: list[str], base_config: str | None, overrides: list[str], *,
-        seeds: int | None = None, dry: bool = False, report_dir: str | Path = "reports",
-        force: bool = False, address: str | None = None, cpus_per_worker: int = 1,
+        seeds: int | None = None, choice_seeds: int | None = None, dry: bool = False,
+        report_dir: str | Path = "reports", force: bool = False, address: str | None = None, cpus_per_worker: int = 1,
         gpus_per_worker: float = 0.0, workers: int = 0, execute=None) -> int:
     """Load the ablation files, expand and plan every cell, train what the store lacks, write
     one record per cell and render the report. Returns the exit status: 1 if any cell failed.
@@ -185,12 +244,16 @@ def run(paths: list[str], base_config: str | None, overrides: list[str], *,
     task of ``cpus_per_worker`` CPUs and ``gpus_per_worker`` GPUs, or, with ``workers`` >= 1,
     a Ray Train run of that many such workers; a caller may pass its own. Records of another
     preset or other seeds already in ``{report_dir}/results`` stop the run before anything is
-    trained or written (``check_overwrite``; a dry run too), unless ``force``."""
+    trained or written (``check_overwrite``; a dry run too), unless ``force``. ``seeds`` and
+    ``choice_seeds`` override the files' (``cells.seed_plan``; ``choice_seeds=0``: none).
+
+    With the records it writes a contact sheet of each dataset the cells read into
+    ``{report_dir}/data/`` (``results.write_sheets``), which the index links."""
     abls = [load(p) for p in paths]
     names = [a.table for a in abls]
     if len(set(names)) != len(names):
         raise UserError(f"two ablation files define the same table: {names}")
-    cells_of = [(a, expand(a, base_config, overrides, seeds)) for a in abls]
+    cells_of = [(a, expand(a, base_config, overrides, seeds, choice_seeds)) for a in abls]
     cells = [c for _, cs in cells_of for c in cs]
     preset = preset_of(base_config)
     out = Path(report_dir)
@@ -201,25 +264,34 @@ def run(paths: list[str], base_config: str | None, overrides: list[str], *,
     if dry:
         print(dry_run(cells_of, store))
         return 0
-    nodes = union(cells)
-    done = _cached(nodes, store)
-    say(status_line(cells, nodes, set(done)))
-    # seed by seed (stable, so upstream stays first): an interrupted run has whole seeds
-    todo = sorted((n for n in nodes if n.id not in done), key=lambda n: n.cfg.run.seed)
+    tracking.annotate_cells(cells)  # run.tracking: the tables and rows each stage serves
+    first = [c for ab, cs in cells_of for c in first_round(ab, cs)]
+    done = _cached(union(cells), store)
     failed: dict[tuple[str, str], str] = {}
     started = time.time()
-    if todo:
-        _render_datasets(todo)
-        if execute is None:
-            from cmkg.cluster.ablate import execute as ray_execute
+    if execute is None:
+        from cmkg.cluster.ablate import execute as ray_execute
 
-            execute = functools.partial(ray_execute, address=address,
-                                        cpus_per_worker=cpus_per_worker,
-                                        gpus_per_worker=gpus_per_worker, workers=workers)
-        execute(todo, _progress(todo, done, failed, store, started))
+        execute = functools.partial(ray_execute, address=address,
+                                    cpus_per_worker=cpus_per_worker,
+                                    gpus_per_worker=gpus_per_worker, workers=workers)
+    todo = _train(first, done, failed, store, started, execute)
+    if len(first) < len(cells):  # the second round: the chosen values on the report seeds
+        ran = {id(c) for c in first}
+        second = [c for ab, cs in cells_of
+                  for c in needed(ab, cs, decisions(ab, cs, done, failed)) if id(c) not in ran]
+        say(f"choices made on the choice seeds; {len(second)} cells of the chosen values on "
+            "the report seeds")
+        todo += _train(second, done, failed, store, started, execute)
+        cells = first + second
+    nodes = union(cells)
     wall = time.time() - started
     for ab, cs in cells_of:
         _write_results(ab, cs, done, failed, preset, store, results)
+    used = {id(c) for c in cells}
+    sheets = [data_sheets([c for c in cs if id(c) in used]) for _, cs in cells_of]
+    write_sheets([e for entries, _ in sheets for e in entries],
+                 {k: v for _, found in sheets for k, v in found.items()}, out)
     written = report.render_reports(results, out)
     for ab, _ in cells_of:
         md = out / f"{ab.table}.md"

@@ -8,15 +8,16 @@ from pathlib import Path
 
 from cmkg import config as config_mod
 from cmkg import stages
+from cmkg.ablation.tuned import read_best
 from cmkg.errors import ConfigError
 from cmkg.report.figures import check_figures
 from cmkg.report.stats import KINDS
 from cmkg.yamlfile import is_int, is_number, mapping, number, read_mapping, unknown_keys
 
 FILE_KEYS = ("table", "title", "caption", "regenerates", "seeds", "set", "scale", "columns",
-             "rows", "baseline_row", "compare_columns", "compare", "figures")
+             "rows", "baseline_row", "compare_columns", "compare", "figures", "choice_seeds")
 COLUMN_KEYS = ("stage", "title", "metrics", "set", "extend_epochs")
-ROW_KEYS = ("label", "set", "scale", "paper", "choose")
+ROW_KEYS = ("label", "set", "scale", "paper", "choose", "tuned")
 METRICS = ("epe_mm", "auc_20_50")
 
 
@@ -37,6 +38,8 @@ class Row:
     scale: dict = field(default_factory=dict)  # preset -> {set, note}
     paper: dict = field(default_factory=dict)  # column -> {metric: value}
     choose: dict | None = None  # {key: dotted config key, values: [...]}: chosen on val
+    # a sweep's best.yaml (``tuned.read_best``): {where, path, params, sweep, metric, seeds, ...}
+    tuned: dict | None = None
 
 
 @dataclass
@@ -46,13 +49,14 @@ class Ablation:
     title: str
     caption: str
     regenerates: str
-    seeds: int
+    seeds: int | list[int]  # report seeds: how many (0.. or after the choice seeds), or which
     set: dict
     scale: dict
     columns: dict[str, Column]
     rows: list[Row]
     comparisons: list[dict]
     figures: dict = field(default_factory=dict)  # cmkg.report.figures.FIGURES entries
+    choice_seeds: int | list[int] | None = None  # seeds the choices are made on (None: the report's)
 
     def row(self, label: str) -> Row:
         return next(r for r in self.rows if r.label == label)
@@ -68,12 +72,13 @@ def load(path: str | Path) -> Ablation:
     for k in ("table", "columns", "rows"):
         if k not in data:
             p.append(f"{k}: missing")
-    seeds = data.get("seeds", 3)
-    if not is_int(seeds, 1):
-        p.append(f"seeds: must be an integer >= 1, got {seeds!r}")
-        seeds = 1
+    seeds = _seeds(data.get("seeds", 3), "seeds", p) or 1
+    choice_seeds = _seeds(data.get("choice_seeds"), "choice_seeds", p)
+    if isinstance(seeds, list) and isinstance(choice_seeds, list) and set(seeds) & set(choice_seeds):
+        p.append(f"seeds: {sorted(set(seeds) & set(choice_seeds))} are also choice_seeds (report "
+                 "seeds must be other seeds than those the choices are made on)")
     columns = _columns(data.get("columns"), p)
-    rows = _rows(data.get("rows"), columns, p)
+    rows = _rows(data.get("rows"), columns, p, path.parent)
     comparisons = _comparisons(data, columns, rows, p)
     figures = check_figures(data.get("figures"), [r.label for r in rows], list(columns),
                             "figures", p)
@@ -82,7 +87,19 @@ def load(path: str | Path) -> Ablation:
         raise ConfigError(str(path), p)
     return Ablation(str(path), str(data["table"]), str(data.get("title", data["table"])),
                     str(data.get("caption", "")), str(data.get("regenerates", "")), seeds,
-                    base, scale, columns, rows, comparisons, figures)
+                    base, scale, columns, rows, comparisons, figures, choice_seeds)
+
+
+def _seeds(value, key: str, problems: list[str]) -> int | list[int] | None:
+    """``seeds`` / ``choice_seeds``: a count n >= 1, or a list of distinct seeds >= 0."""
+    if value is None or is_int(value, 1):
+        return value
+    if isinstance(value, list) and value and all(is_int(v, 0) for v in value) \
+            and len(set(value)) == len(value):
+        return list(value)
+    problems.append(f"{key}: must be an integer >= 1 or a list of different integers >= 0, "
+                    f"got {value!r}")
+    return None
 
 
 def _scale(value, key: str, problems: list[str]) -> dict:
@@ -122,7 +139,7 @@ def _columns(value, p: list[str]) -> dict[str, Column]:
     return columns
 
 
-def _rows(value, columns: dict[str, Column], p: list[str]) -> list[Row]:
+def _rows(value, columns: dict[str, Column], p: list[str], folder: Path) -> list[Row]:
     rows: list[Row] = []
     if not isinstance(value, list) or not value:
         p.append("rows: must be a non-empty list")
@@ -137,10 +154,16 @@ def _rows(value, columns: dict[str, Column], p: list[str]) -> list[Row]:
             continue
         if any(x.label == label for x in rows):
             p.append(f"{key}.label: {label!r} appears twice")
+        tuned = None
+        if r.get("tuned") is not None:
+            tuned = read_best(r["tuned"], folder, f"{key}.tuned", p)
+            if r.get("choose") is not None:
+                p.append(f"{key}: choose and tuned exclude each other (a tuned row's value was "
+                         "chosen by its sweep)")
         rows.append(Row(label, mapping(r.get("set"), f"{key}.set", p),
                         _scale(r.get("scale"), f"{key}.scale", p),
                         _paper(r.get("paper"), columns, f"{key}.paper", p),
-                        _choose(r.get("choose"), f"{key}.choose", p)))
+                        _choose(r.get("choose"), f"{key}.choose", p), tuned))
     return rows
 
 

@@ -1,8 +1,11 @@
 """The reports folder's ``README.md``: what the comparisons' verdicts say about the paper's
 claims (first: which hold, which are refuted and at what size, which this benchmark cannot
-tell), then run facts, links to the tables and figures, and notes."""
+tell), then run facts, links to the tables, figures and the datasets' contact sheets, and
+notes."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from cmkg.console import clock
 from cmkg.report import stats
@@ -52,10 +55,36 @@ def _counted(values) -> str:
     return ", ".join(f"`{v}` ({n} cells)" for v, n in sorted(counts.items())) or "—"
 
 
+def sheets_present(tables: dict[str, tuple[dict, list[dict]]], folder: str | Path) -> list[dict]:
+    """The contact sheets the specs name (``data_sheets``: one per dataset, written by the
+    runner into ``{report}/data/``) that ``folder`` holds, each once, with the tables that read
+    it: [{name, role, split, file, tables}]. Records written before sheets name none."""
+    out: dict[str, dict] = {}
+    for name, (spec, _) in tables.items():
+        for s in spec.get("data_sheets") or []:
+            if not (Path(folder) / s["file"]).is_file():
+                continue
+            out.setdefault(s["file"], {**s, "tables": []})["tables"].append(name)
+    return list(out.values())
+
+
+def _sheets_section(sheets: list[dict]) -> list[str]:
+    if not sheets:
+        return []
+    lines = "".join(
+        f"- [{s['name']}]({s['file']}): {s['role']}, "
+        f"{'the ' + s['split'] + ' split' if s.get('split') else 'every split'}; read by "
+        f"{', '.join(s['tables'])}\n" for s in sheets)
+    return ["## Data\n",
+            "A contact sheet per dataset the cells read (16 samples each: RGB, depth as the "
+            "teacher sees it, the 2D joints over the RGB; `cmkg data show`).\n", lines]
+
+
 def readme_markdown(tables: dict[str, tuple[dict, list[dict]]], files: dict[str, list[str]],
-                    figures: dict[str, str]) -> str:
+                    figures: dict[str, str], sheets: list[dict] | None = None) -> str:
     """The index: the claims summary written from the comparisons' verdicts, run facts, links
-    and notes."""
+    (tables, figures, the contact sheets present: ``sheets_present``; none, no section) and
+    notes."""
     evaluated = stats.evaluate(tables)
     out = [TITLE] + _claims(evaluated) + _run_facts(tables)
     out.append("## Tables\n")
@@ -69,6 +98,7 @@ def readme_markdown(tables: dict[str, tuple[dict, list[dict]]], files: dict[str,
     out.append("## Figures\n")
     out.append("".join(f"- [{f}]({f}): {what}\n" for f, what in figures.items())
                or "No figure: no table's spec names one (its ablation file's figures).\n")
+    out += _sheets_section(sheets or [])
     notes = [(spec.get("title") or spec["table"], spec["notes"]) for spec, _ in tables.values()
              if spec.get("notes")]
     if notes:

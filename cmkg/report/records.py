@@ -25,9 +25,9 @@ SPEC_KEY = b"cmkg.table"  # schema metadata key of the table spec (JSON)
 # metric column -> (label, decimals); a table may report only these
 METRICS = {"epe_mm": ("EPE (mm)", 2), "auc_20_50": ("AUC 20-50", 3),
            "mean_pose_epe_mm": ("mean pose EPE (mm)", 2)}
-JSON_FIELDS = ("artifacts", "stage_walls", "extra", "curves")  # JSON objects stored as strings
+JSON_FIELDS = ("artifacts", "stage_walls", "extra", "curves", "chosen")  # JSON objects as strings
 # columns added after records were committed: a file without them reads them as empty
-OPTIONAL = ("curves",)
+OPTIONAL = ("curves", "choice_seeds", "chosen")
 LIST_FIELDS = ("pck_thresholds_mm", "pck", "per_joint_epe_mm")  # empty for a failed cell
 REQUIRED = ("table", "row", "column", "seed", "status")
 STATUSES = ("done", "failed")
@@ -48,6 +48,12 @@ SCHEMA = pa.schema([
     ("extra", pa.string()),  # JSON: theta_hist, phi_hist {edges, counts}, phi {mean, std, ...}
     # JSON {stage: [{epoch, loss, reg, ..., train_epe_mm, val_epe_mm}]} of the cell's chain
     ("curves", pa.string()),
+    # the seeds whose validation metric chose the row's value (a choose row: its choice seeds,
+    # or the report seeds themselves; a tuned row: its sweep's); empty for a plain row
+    ("choice_seeds", pa.list_(pa.int64())),
+    # JSON: what was chosen and how ({by: choose, key, value, val_epe_mm, seeds, artifacts} or
+    # {by: sweep, sweep, file, metric, params, seeds}); {} for a plain row
+    ("chosen", pa.string()),
 ])
 
 
@@ -110,7 +116,7 @@ def _normalise(record: dict, spec: dict) -> dict:
     if record["table"] != spec.get("table"):
         raise ValueError(f"result record of {record['table']!r} in the file of {spec.get('table')!r}")
     out = {name: record.get(name) for name in SCHEMA.names}
-    for name in LIST_FIELDS:
+    for name in (*LIST_FIELDS, "choice_seeds"):
         out[name] = list(out[name] or [])
     for name in JSON_FIELDS:
         if isinstance(out[name], dict):
@@ -195,6 +201,7 @@ def read_records(path: Path) -> tuple[dict, list[dict]]:
                 raise DataError(f"{where}: field {name} is not JSON") from None
         for name in LIST_FIELDS:
             r[name] = r[name] or []
+        r["choice_seeds"] = r.get("choice_seeds") or []
         records.append(r)
     return spec, records
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from cmkg.atomic import atomic_path
 from cmkg.report.curves import learning_curves
 from cmkg.report.figures import figure4, figure5
-from cmkg.report.index import readme_markdown
+from cmkg.report.index import readme_markdown, sheets_present
 from cmkg.report.records import load_records
 from cmkg.report.tables import comparisons_csv, table_csv, table_markdown
 
@@ -42,5 +42,6 @@ def render_reports(results_dir: str | Path, out_dir: str | Path) -> list[Path]:
         if panels:
             figures[name] = "; ".join(panels)
             written.append(out_dir / name)
-    written.append(_write(out_dir / "README.md", readme_markdown(tables, files, figures)))
+    written.append(_write(out_dir / "README.md", readme_markdown(
+        tables, files, figures, sheets_present(tables, out_dir))))
     return written

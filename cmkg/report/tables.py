@@ -41,7 +41,10 @@ def table_markdown(spec: dict, records: list[dict], tables: dict | None = None) 
         out.append(f"{spec['caption']}\n")
     if spec.get("regenerates"):
         out.append(f"Regenerates: {spec['regenerates']}.\n")
-    out.append(f"Preset `{spec.get('preset', '—')}`; seeds {seeds(spec.get('seeds'))}.\n")
+    chose = "" if not spec.get("choice_seeds") else (
+        f" (report seeds; the `choose` rows' values were chosen on the validation split of "
+        f"seeds {seeds(spec['choice_seeds'])}, one value per row, which were not reported)")
+    out.append(f"Preset `{spec.get('preset', '—')}`; seeds {seeds(spec.get('seeds'))}{chose}.\n")
     out.append("Ours: mean ± sample standard deviation over the seeds whose cell finished "
                "(n of them; failed seeds are counted apart). \"not run\": no record.\n")
     out.append(_numbers(spec, by_cell))
