@@ -27,6 +27,7 @@ test: setup
 bench: setup
 	$(BIN)/python bench/bench_render.py
 	$(BIN)/python bench/bench_fit.py
+	$(BIN)/python bench/bench_step.py
 	$(BIN)/python bench/bench_meta.py
 	$(BIN)/python bench/bench_convert.py
 	$(BIN)/python bench/bench_ray.py
