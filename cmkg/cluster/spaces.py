@@ -10,12 +10,15 @@ A *search space* is a YAML file (``tune_spaces/*.yaml``)::
     sampler: tpe               # tpe | random
     seed: 0
     set: [run.eval_every=1]    # fixed overrides for every trial
+    seeds: 3                   # optional: a trial's value is the mean over run.seed = 0, 1, 2
     time_budget_s: 3600        # optional: stop the sweep after this many seconds
     scheduler: {asha: {grace_period: 1, reduction_factor: 2}}   # optional: early stopping
     params:                    # dotted config keys, sampled in this order
       regularizer.form: {choice: [l2, weighted_l2]}
       regularizer.sigma: {float: [1.0e-6, 1.0e-3], log: true, when: {regularizer.form: [l2]}}
       meta.inner_steps: {int: [1, 3], when: {regularizer.form: [weighted_l2]}}
+    enqueue:                   # optional: known points, evaluated first, in this order
+      - {regularizer.form: weighted_l2, meta.inner_steps: 1}
 
 Optuna samples define-by-run, so ``when`` makes a parameter exist only for some values of an
 earlier one (:meth:`Space.define_by_run`). ``scheduler:`` is one of::
@@ -25,7 +28,16 @@ earlier one (:meth:`Space.define_by_run`). ``scheduler:`` is one of::
     scheduler: {optuna_pruner: {successive_halving: {min_resource: 1, reduction_factor: 3}}}
 
 ASHA counts in epochs; ``max_t`` defaults to the stage's epochs and may not be below them (every
-trial would stop unpublished). :func:`load_space` reports every problem of a file at once and
+trial would stop unpublished).
+
+``seeds: k`` (or a list of distinct seeds) makes a trial train its stage once per seed
+(``run.seed`` = 0 … k−1, or the listed ones) and score the mean of the seeds' validation
+metrics; without it a trial trains the base config's ``run.seed`` once, as before.
+``enqueue:`` lists points (parameter -> value; parameters left out are sampled) that Optuna
+evaluates before it samples (``Study.enqueue_trial``); each is checked like the parameters:
+a key that is not a parameter, a value outside its range or choices, a parameter its ``when``
+leaves out, or a value the config refuses is a problem naming ``enqueue[i].key``.
+:func:`load_space` reports every problem of a file at once and
 tries each parameter at its bounds/choices against the config it will override, so a misspelt
 key fails before the first trial. A trial's config is the base config's dict with the sampled
 dotted keys set (:func:`apply_params`), built once (:func:`trial_config`).
@@ -40,12 +52,21 @@ from pathlib import Path
 
 from cmkg import config as config_mod
 from cmkg.config import STAGES, Config, ConfigError
-from cmkg.yamlfile import entries, is_int, is_number, number, read_mapping, unknown_keys
+from cmkg.yamlfile import (
+    assignment,
+    entries,
+    is_int,
+    is_number,
+    number,
+    read_mapping,
+    unknown_keys,
+)
 
 METRICS = {"val_epe_mm": "min", "val_auc_20_50": "max"}
 KINDS = ("float", "int", "choice")
 SPACE_KEYS = ("stage", "metric", "trials", "concurrency", "cpus_per_worker", "gpus_per_worker",
-              "sampler", "seed", "set", "params", "scheduler", "time_budget_s")
+              "sampler", "seed", "set", "params", "scheduler", "time_budget_s", "seeds",
+              "enqueue")
 RENAMED = {"cpus_per_trial": "cpus_per_worker", "gpus_per_trial": "gpus_per_worker"}
 # what the command line may set instead of the file (run_tune's keyword arguments)
 FLAGS = {"trials": "--trials", "time_budget_s": "--time-budget",
@@ -91,6 +112,25 @@ class Param:
     def examples(self) -> list:
         return list(self.choices) if self.kind == "choice" else [self.low, self.high]
 
+    def check(self, value) -> str | None:
+        """Why ``value`` is not a value this parameter can take (None when it is)."""
+        if self.kind == "choice":
+            return None if value in self.choices else f"{value!r} is not one of {self.choices}"
+        if self.kind == "int" and not is_int(value):
+            return f"expected an integer, got {value!r}"
+        value = number(value)
+        if not is_number(value):
+            return f"expected a number, got {value!r}"
+        if not self.low <= value <= self.high:
+            return f"{value!r} is outside [{self.low:g}, {self.high:g}]"
+        return None
+
+    def fixed(self, value):
+        """``value`` as Optuna's ``enqueue_trial`` takes it (choices as Optuna stores them)."""
+        if self.kind == "choice":
+            return self.encode(value)
+        return int(value) if self.kind == "int" else float(number(value))
+
 
 @dataclass
 class Space:
@@ -108,6 +148,8 @@ class Space:
     scheduler: dict | None = None  # {"asha": {...}} or {"optuna_pruner": {kind: {...}}}, filled in
     time_budget_s: float | None = None
     cli: dict = field(default_factory=dict)  # budgets given on the command line (name the sweep)
+    seeds: list[int] | None = None  # None: the base config's run.seed, once
+    enqueue: list[dict] = field(default_factory=list)  # points evaluated first (param -> value)
 
     @property
     def mode(self) -> str:
@@ -117,6 +159,17 @@ class Space:
         """param -> {JSON as Optuna stores it: the choice} for list/mapping choices."""
         return {p.name: {p.encode(c): c for c in p.choices} for p in self.params
                 if p.kind == "choice" and any(isinstance(c, (list, dict)) for c in p.choices)}
+
+    def fixed_points(self) -> list[dict]:
+        """The ``enqueue`` points as Optuna's ``enqueue_trial`` takes them, in file order."""
+        by_name = {p.name: p for p in self.params}
+        return [{k: by_name[k].fixed(v) for k, v in point.items()} for point in self.enqueue]
+
+    def fixed_set(self) -> dict:
+        """The space's ``set:`` entries as ``{dotted key: value}`` (values read as YAML)."""
+        problems: list[str] = []
+        pairs = (assignment(item, "set", problems) for item in self.set)
+        return {key: value for key, value, _ in filter(None, pairs)}
 
     def define_by_run(self, trial) -> None:
         """Optuna's define-by-run space: parameters in file order, each only when its ``when``
@@ -218,6 +271,66 @@ def _parse_scheduler(spec, problems: list[str]) -> dict | None:
     return kinds[kind](body, problems)
 
 
+def _parse_seeds(value, params: list[Param], fixed: list[str], problems: list[str]
+                 ) -> list[int] | None:
+    """``seeds: k`` -> [0 … k−1]; ``seeds: [s, ...]`` -> those (distinct, >= 0); absent -> None.
+    The space then owns ``run.seed``: a parameter or ``set:`` entry for it is a problem."""
+    if value is None:
+        return None
+    if is_int(value, 1):
+        seeds = list(range(value))
+    elif (isinstance(value, list) and value and all(is_int(v, 0) for v in value)
+          and len(set(value)) == len(value)):
+        seeds = list(value)
+    else:
+        problems.append(f"seeds: expected a number of seeds >= 1 or a non-empty list of "
+                        f"distinct seeds >= 0, got {value!r}")
+        return None
+    if any(p.name == "run.seed" for p in params):
+        problems.append("params.run.seed: the space's seeds: sets run.seed; drop one of them")
+    if any(item.partition("=")[0].strip() == "run.seed" for item in fixed):
+        problems.append("set: run.seed: the space's seeds: sets run.seed; drop one of them")
+    return seeds
+
+
+def _parse_enqueue(value, params: list[Param], problems: list[str]) -> list[dict]:
+    """``enqueue:`` points, each checked against the parameters: known keys, values in range,
+    and only parameters their ``when`` keeps (given the point's earlier values)."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, dict) and v for v in value):
+        problems.append("enqueue: expected a list of mappings {parameter: value}, "
+                        f"got {value!r}")
+        return []
+    by_name = {p.name: p for p in params}
+    points = []
+    for i, point in enumerate(value):
+        where, bad = f"enqueue[{i}]", len(problems)
+        point = {str(k): number(v) for k, v in point.items()}
+        for key in point:
+            if key not in by_name:
+                problems.append(f"{where}.{key}: not a parameter of this space "
+                                f"(parameters: {', '.join(by_name)})")
+        sampled: dict = {}  # what the point fixes, in file order; a sampled one is unknown
+        unknown: set[str] = set()
+        for p in params:
+            undecided = any(k in unknown for k in p.when)
+            if undecided or p.active(sampled):
+                if p.name in point:
+                    why = p.check(point[p.name])
+                    if why:
+                        problems.append(f"{where}.{p.name}: {why}")
+                    sampled[p.name] = point[p.name]
+                else:
+                    unknown.add(p.name)
+            elif p.name in point:
+                problems.append(f"{where}.{p.name}: the parameter is left out by its when "
+                                f"{p.when} given this point's values")
+        if len(problems) == bad:
+            points.append(point)
+    return points
+
+
 def _parse_keys(data: dict, problems: list[str]) -> None:
     """Unknown top-level keys, and the keys renamed since (each names its new name)."""
     problems += [f"{old}: renamed; write {new} (a trial is a worker, as in "
@@ -276,13 +389,16 @@ def _parse(path: Path, data: dict, given: dict, problems: list[str]) -> Space | 
         p = _parse_param(str(name), spec, problems, [q.name for q in params])
         if p is not None:
             params.append(p)
+    seeds = _parse_seeds(data.get("seeds"), params, fixed, problems)
+    enqueue = _parse_enqueue(data.get("enqueue"), params, problems)
     if problems:
         return None
     budget, gpus = numbers.pop("time_budget_s"), numbers.pop("gpus_per_worker")
     return Space(path=str(path), stage=stage, params=params, metric=metric, **numbers,
                  gpus_per_worker=float(gpus), sampler=data.get("sampler", "tpe"), set=fixed,
                  scheduler=scheduler, time_budget_s=None if budget is None else float(budget),
-                 cli={k: v for k, v in given.items() if k in BUDGETS})
+                 cli={k: v for k, v in given.items() if k in BUDGETS}, seeds=seeds,
+                 enqueue=enqueue)
 
 
 def _check_against_config(space: Space, base: Config, problems: list[str]) -> None:
@@ -308,6 +424,12 @@ def _check_against_config(space: Space, base: Config, problems: list[str]) -> No
             except ConfigError as e:  # only this key's problems: others may be joint
                 problems += [f"params.{p.name}={value!r}: {m}" for m in e.problems
                              if m.split(":", 1)[0] == p.name]
+    for i, point in enumerate(space.enqueue):  # a point is one trial's values: tried together
+        extra = {"run.seed": space.seeds[0]} if space.seeds else {}
+        try:
+            trial_config(data, {**point, **extra}, space.path)
+        except ConfigError as e:
+            problems += [f"enqueue[{i}].{m}" for m in e.problems]
 
 
 def load_space(path: str | Path, base_config: str | None = None,
