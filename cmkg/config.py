@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -27,6 +28,8 @@ PRESET_DIR = Path(__file__).parent / "presets"
 PRESETS = ("smoke", "cpu", "paper")
 SCHEDULES = ("constant", "cosine")  # optim.schedule
 KEEP = ("best_val", "final")  # optim.keep
+SIGNS = ("learned", "positive")  # regularizer.sign
+PHI_CONTROLS = ("none", "permuted", "uniform", "other_seed")  # regularizer.phi_control
 
 
 @dataclass
@@ -116,6 +119,16 @@ class RegularizerConfig:
     # null = phi_META as Algorithm 1 learned it (the paper)
     calibrate_d: float | None = None
     d_cap: float | None = 3.0
+    # phi as the target applies it (weighted forms; docs/prior-strength.md), in this order:
+    # strength (null = 1: phi_META as learned, the paper) -> sign (learned: as learned, the
+    # paper; positive: max(phi, 0)) -> phi_control (none; permuted: within each tensor, from
+    # run.seed; uniform: every entry the mean over all regularised weights; other_seed: phi_META
+    # of the meta stage of prior_seed, null = run.seed - 1, seed 0 takes seed 1) -> the
+    # calibration's scale and cap (calibrate_d; exclusive with strength)
+    strength: float | None = None
+    sign: str = "learned"
+    phi_control: str = "none"
+    prior_seed: int | None = None
 
 
 @dataclass
@@ -320,6 +333,21 @@ def validate(cfg: Config) -> list[str]:
     check(r.calibrate_d is None or r.d_cap is None or r.d_cap >= r.calibrate_d,
           "regularizer.d_cap", f"must be >= regularizer.calibrate_d ({r.calibrate_d}), "
           f"got {r.d_cap}")
+    check(r.strength is None or (math.isfinite(r.strength) and r.strength > 0),
+          "regularizer.strength", f"must be null or a finite number > 0, got {r.strength}")
+    check(r.strength is None or r.calibrate_d is None, "regularizer.strength",
+          f"cannot be set with regularizer.calibrate_d ({r.calibrate_d}): the calibration "
+          "chooses phi's scale itself; set one of them")
+    check(r.sign in SIGNS, "regularizer.sign", f"must be one of {', '.join(SIGNS)}, got {r.sign!r}")
+    check(r.phi_control in PHI_CONTROLS, "regularizer.phi_control",
+          f"must be one of {', '.join(PHI_CONTROLS)}, got {r.phi_control!r}")
+    check(r.prior_seed is None or r.phi_control == "other_seed", "regularizer.prior_seed",
+          f"is read only with regularizer.phi_control=other_seed, got phi_control={r.phi_control}")
+    check(r.prior_seed is None or (isinstance(r.prior_seed, int) and r.prior_seed >= 0),
+          "regularizer.prior_seed", f"must be null or an integer >= 0, got {r.prior_seed!r}")
+    check(r.phi_control != "other_seed" or r.prior is None, "regularizer.phi_control",
+          "other_seed takes phi from the meta stage of regularizer.prior_seed, found by key; "
+          f"it cannot be combined with an explicit regularizer.prior ({r.prior})")
     if r.prior is not None and not is_uri(r.prior):
         check(Path(r.prior, "phi.pt").is_file(), "regularizer.prior",
               f"{r.prior!r} is not a finished meta stage folder (no phi.pt)")

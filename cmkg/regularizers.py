@@ -13,6 +13,10 @@ phi's parametrisation: ``free`` is the paper's unconstrained phi (Fig. 5: negati
 weight, positive phi decays it to zero); ``softplus`` keeps phi = softplus(rho) > 0. The raw
 tensors rho are what the meta step updates; ``phi()`` maps them.
 
+phi as a target applies it (``applied``; docs/prior-strength.md): phi_META times a strength,
+its positive part if asked, then a control that keeps its values and removes what it says about
+individual weights (``permuted`` within each tensor, or ``uniform``: every entry the mean).
+
 Besides the value, ``grad(theta)`` gives dR/dtheta in closed form as a differentiable function of
 phi and theta. Algorithm 1's unrolled inner steps use it: their phi-dependence runs only through
 this term, so for l = 1 the exact meta-gradient needs no second-order pass (see ``meta.py``).
@@ -143,3 +147,72 @@ def build(form: str, model: nn.Module, *, params: str = "weights", sigma: float 
     named = dict(model.named_parameters())
     shapes = {n: named[n].shape for n in regularised_names(model, params)}
     return Regularizer(form, shapes, sigma=sigma, phi_param=phi_param, phi_init=phi_init)
+
+
+# ---------------------------------------------------------------------------------------------
+# phi as the target applies it: strength, sign, controls
+# ---------------------------------------------------------------------------------------------
+
+def positive_part(phis: list[Tensor]) -> list[Tensor]:
+    """max(phi, 0) per tensor: a decay where phi decays, nothing where it would grow a weight."""
+    return [p.clamp_min(0.0) for p in phis]
+
+
+def permuted(phis: list[Tensor], seed: int) -> list[Tensor]:
+    """phi shuffled within each tensor by a permutation drawn from ``seed`` (one generator, the
+    tensors in order; the same on every process and device): each tensor keeps its values, so its
+    histogram and strength, while which weight gets which value is random."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for p in phis:
+        order = torch.randperm(p.numel(), generator=gen).to(p.device)
+        out.append(p.flatten()[order].view_as(p))
+    return out
+
+
+def uniform(phis: list[Tensor]) -> list[Tensor]:
+    """Every entry of every tensor replaced by the mean of phi over all of them (accumulated in
+    float64): a constant l2 (sigma = that mean) with the learned phi's total."""
+    flat = torch.cat([p.detach().flatten().double() for p in phis])
+    mean = float(flat.mean()) if flat.numel() else 0.0
+    return [torch.full_like(p, mean) for p in phis]
+
+
+def with_phi(reg: Regularizer, phis: list[Tensor]) -> Regularizer:
+    """A regularizer of ``reg``'s form over its tensors whose (free) phi is ``phis``, frozen
+    as ``reg`` is: phi as the target applies it, whatever parametrisation learned it."""
+    shapes = dict(zip(reg.names, (p.shape for p in phis)))
+    out = Regularizer(reg.form, shapes, sigma=reg.sigma, phi_param="free")
+    with torch.no_grad():
+        for r, p in zip(out.raw, phis):
+            r.copy_(p.detach())
+    out.requires_grad_(any(r.requires_grad for r in reg.raw))
+    return out.to(phis[0].device) if phis else out
+
+
+def applied(reg: Regularizer, *, strength: float | None = None, sign: str = "learned",
+            control: str = "none", seed: int = 0) -> Regularizer:
+    """phi_META (``reg``) as the target applies it, in this order: times ``strength`` (None: 1),
+    ``sign`` (``learned``: as learned; ``positive``: ``positive_part``), then ``control``
+    (``none``; ``permuted``: ``permuted`` with ``seed``; ``uniform``; ``other_seed`` changes
+    which meta stage ``reg`` comes from, not its values). At the defaults ``reg`` itself is
+    returned, so the paper's runs train exactly as before these settings existed."""
+    if not reg.weighted:
+        raise ValueError(f"only a weighted form has a phi to apply, got {reg.form!r}")
+    if strength is None and sign == "learned" and control in ("none", "other_seed"):
+        return reg
+    with torch.no_grad():
+        phis = [p.detach().clone() for p in reg.phi()]
+        if strength is not None:
+            phis = [p * strength for p in phis]
+        if sign == "positive":
+            phis = positive_part(phis)
+        elif sign != "learned":
+            raise ValueError(f"sign must be 'learned' or 'positive', got {sign!r}")
+        if control == "permuted":
+            phis = permuted(phis, seed)
+        elif control == "uniform":
+            phis = uniform(phis)
+        elif control not in ("none", "other_seed"):
+            raise ValueError(f"unknown phi control {control!r}")
+    return with_phi(reg, phis)

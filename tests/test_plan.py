@@ -71,7 +71,11 @@ def test_every_config_field_is_hashed_or_declared_result_neutral(tmp_path):
                                    "data.augment={domain: augment, num: 100, size: 48}"]),
              # d_cap acts (and is hashed) only with a calibrated prior
              config.load("smoke", [f"data.root={tmp_path}", "regularizer.form=weighted_l2",
-                                   "regularizer.calibrate_d=1.0"])]
+                                   "regularizer.calibrate_d=1.0"]),
+             # how a target applies phi: strength and prior_seed are null at their defaults
+             config.load("smoke", [f"data.root={tmp_path}", "regularizer.form=weighted_l2",
+                                   "regularizer.strength=10.0", "regularizer.prior_seed=5",
+                                   "regularizer.phi_control=other_seed"])]
     from cmkg.data import synthesize
 
     folder = tmp_path / "set"

@@ -47,8 +47,9 @@ def _extra(cell: Cell, art: stages.Artifact, done: dict) -> dict:
         prior = done[("meta", meta_key)]
         out["phi"] = prior.metrics.get("phi", {})
         applied = art.metrics.get("phi_applied")
-        if applied:  # the phi the target trained with (after calibration's scale and cap)
-            out["phi_hist"], out["phi_applied"] = applied["hist"], True
+        if applied:  # the phi the target trained with (strength, sign, control, scale, cap)
+            out["phi_hist"] = applied["hist"]
+            out["phi_applied"] = {"fraction_negative": applied["fraction_negative"]}
         else:  # stages published before it was recorded: the calibrated phi, before its cap
             scale = out.get("calibration", {}).get("scale", 1.0)
             out["phi_hist"] = report.histogram(scale * _phi_values(prior))
@@ -95,8 +96,9 @@ def record(cell: Cell, done: dict, failed: dict[tuple[str, str], str], preset: s
 
 
 def curve(history: list[dict]) -> list[dict]:
-    """A stage's learning curve from its per-epoch history: the mean training loss parts, and
-    where the epoch validated, the EPE on a fixed slice of the training split and on val."""
+    """A stage's learning curve from its per-epoch history: the mean training loss parts,
+    where the epoch validated, the EPE on a fixed slice of the training split and on val, and
+    where the stage measured its prior, the median |D| (``prior_abs_d_median``)."""
     out = []
     for h in history:
         point = {"epoch": h["epoch"], **h.get("train", {})}
@@ -104,6 +106,9 @@ def curve(history: list[dict]) -> list[dict]:
             point["train_epe_mm"] = h["train_eval"]["epe_mm"]
         if "val" in h:
             point["val_epe_mm"] = h["val"]["epe_mm"]
+        overall = h.get("diagnostics", {}).get("prior_strength", {}).get("overall")
+        if overall:  # the target's prior: its median |D| after this epoch (the realised D)
+            point["prior_abs_d_median"] = overall["abs_d_median"]
         out.append(point)
     return out
 

@@ -19,7 +19,7 @@ What a table draws is data, not code: its ablation file's ``figures:`` entry, ch
 table names is not drawn. Fig. 5 can also be drawn from finished stage folders
 (``fig5_from_artifacts``, the CLI's ``cmkg figure params``): the histogram of the target
 network's parameters trained without a regularizer and with R of Eq. (10), and beside them the
-histogram of the learned phi.
+histogram of the phi that run applied (its ``phi_applied``; for older stages, the learned phi).
 """
 
 from __future__ import annotations
@@ -263,8 +263,11 @@ def _parameter_panels(spec: dict, records: list[dict], entry: dict) -> list[dict
                            "counts": h["counts"], "color": color, "xlabel": "parameter value"})
     hit = _first_extra(spec, records, with_row, "phi_hist")
     if hit is not None:
-        phi = hit[1].get("phi") or {}
-        what = "phi as applied" if hit[1].get("phi_applied") else "learned phi"
+        # the fraction below 0 of the phi drawn: the applied phi's where the record has it
+        # (strength, sign, control, cap), else phi_META's (the same sign for a scale and a cap)
+        applied = hit[1].get("phi_applied")
+        phi = applied if isinstance(applied, dict) else hit[1].get("phi") or {}
+        what = "phi as applied" if applied else "learned phi"
         title = f"{what} ({with_row}, seed {hit[0]})"
         if "fraction_negative" in phi:
             title += f"\n{phi['fraction_negative']:.1%} negative"
@@ -304,10 +307,11 @@ def flat_weights(state: dict, names: list[str] | None = None) -> np.ndarray:
     return np.concatenate([state[k].detach().double().flatten().cpu().numpy() for k in keys])
 
 
-def parameter_histograms(without: dict, with_prior: dict, phi: np.ndarray | None,
+def parameter_histograms(without: dict, with_prior: dict, phi: np.ndarray | dict | None,
                          out: str | Path, *, labels=("w/o R", "with R"),
                          strength: dict | None = None, phi_title: str = "learned phi") -> dict:
-    """Write Fig. 5 from two state dicts (and phi) as a PNG; return the histograms it drew.
+    """Write Fig. 5 from two state dicts (and phi: values, or a ``{edges, counts}`` histogram
+    such as a target's ``phi_applied``) as a PNG; return the histograms it drew.
 
     ``strength``: the with-R run's ``prior_strength`` diagnostics (``cmkg.diagnostics``) after
     its last epoch; adds a panel of the median |D| per regularised layer."""
@@ -319,7 +323,7 @@ def parameter_histograms(without: dict, with_prior: dict, phi: np.ndarray | None
     panels = [{"title": f"theta, {label}", **h, "color": color, "xlabel": "parameter value"}
               for label, h, color in zip(labels, (ha, hb), ("tab:blue", "tab:orange"))]
     if phi is not None:
-        hp = histogram(phi)
+        hp = phi if isinstance(phi, dict) else histogram(phi)
         data["phi_edges"], data["phi_counts"] = hp["edges"], hp["counts"]
         panels.append({"title": phi_title, **hp, "color": "tab:green", "xlabel": "phi"})
     if strength and strength.get("layers"):
@@ -334,7 +338,11 @@ def parameter_histograms(without: dict, with_prior: dict, phi: np.ndarray | None
 
 def fig5_from_artifacts(without_dir: str | Path, with_dir: str | Path,
                         prior_dir: str | Path | None, out: str | Path) -> dict:
-    """Fig. 5 from two target-stage folders (form none, and weighted) and a meta-stage folder."""
+    """Fig. 5 from two target-stage folders (form none, and weighted) and a meta-stage folder.
+
+    The phi drawn is the one the weighted run trained with: its ``phi_applied`` histogram (after
+    strength, sign, control and the calibration's scale and cap), where its metrics hold one;
+    for older stages, phi_META of ``prior_dir`` times the calibration's scale (before its cap)."""
     import torch
 
     from cmkg import stages
@@ -345,7 +353,11 @@ def fig5_from_artifacts(without_dir: str | Path, with_dir: str | Path,
     history = art.metrics.get("history") or [{}]
     strength = history[-1].get("diagnostics", {}).get("prior_strength")
     phi, title = None, "learned phi"
-    if prior_dir is not None:
+    applied = art.metrics.get("phi_applied")
+    if applied:
+        phi, title = applied["hist"], (f"phi as applied ({applied['fraction_negative']:.1%} "
+                                       "negative)")
+    elif prior_dir is not None:
         reg = stages.open_artifact(prior_dir).load_phi()
         phi = torch.cat([p.flatten() for p in reg.phi()]).double().numpy()
         scale = art.metrics.get("calibration", {}).get("scale")

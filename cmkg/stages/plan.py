@@ -12,7 +12,7 @@ Ray task, under Ray Train) without planning again.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from cmkg import storage
 from cmkg.config import Config, DataSpec, digest
@@ -65,6 +65,8 @@ def stage_spec(stage: str, cfg: Config, inputs: dict[str, str]) -> dict:
             spec["regularizer"]["sigma"] = r.sigma
         if r.form in WEIGHTED and r.calibrate_d is not None:  # absent: keys stay as before
             spec["regularizer"].update(calibrate_d=r.calibrate_d, d_cap=r.d_cap)
+        if r.form in WEIGHTED:
+            spec["regularizer"].update(_applied_prior(cfg))
     # the loss reductions of the terms a stage uses enter its key only where they differ from
     # the defaults: the defaults are the behaviour from before reductions were a choice, so the
     # keys (and cached artifacts) of default runs stay what they were
@@ -83,6 +85,48 @@ OPTIM_SINCE = {"schedule": "constant", "keep": "best_val"}
 def _optim(cfg: Config) -> dict:
     return {k: v for k, v in asdict(cfg.optim).items()
             if k not in OPTIM_SINCE or v != OPTIM_SINCE[k]}
+
+
+def _applied_prior(cfg: Config) -> dict:
+    """How the target applies phi_META (strength, sign, control; ``regularizers.applied``):
+    each entry only where it differs from its default (the paper's phi as learned), so the keys
+    of the runs from before these settings existed stay what they were."""
+    r = cfg.regularizer
+    out = {k: v for k, v, default in (("strength", r.strength, None), ("sign", r.sign, "learned"),
+                                      ("phi_control", r.phi_control, "none")) if v != default}
+    if r.phi_control == "other_seed":
+        out["prior_seed"] = prior_seed(cfg)
+    return out
+
+
+def prior_seed(cfg: Config) -> int:
+    """The seed whose meta stage supplies the target's phi: ``run.seed`` itself, except with
+    ``regularizer.phi_control: other_seed``: ``regularizer.prior_seed``, by default the previous
+    seed (run.seed - 1; seed 0 takes seed 1), so seeds 0..n-1 of an ablation (n >= 2) draw their
+    misaligned phi from seeds the ablation trains anyway."""
+    r, seed = cfg.regularizer, cfg.run.seed
+    if r.phi_control != "other_seed":
+        return seed
+    if r.prior_seed is not None:
+        return r.prior_seed
+    return seed - 1 if seed > 0 else 1
+
+
+def _input_config(dep: str, cfg: Config) -> Config:
+    """The config an upstream stage is planned with: ``cfg``, except that the meta stage of a
+    target with ``phi_control: other_seed`` is planned (with its teacher and student) under the
+    prior's seed (``prior_seed``): phi learned on another network than the target's."""
+    if dep != "meta" or cfg.regularizer.phi_control != "other_seed":
+        return cfg
+    seed = prior_seed(cfg)
+    if seed == cfg.run.seed:
+        raise UserError(f"regularizer.prior_seed={seed} is the run's own seed (run.seed): "
+                        "phi_control=other_seed needs another seed's phi; leave prior_seed null "
+                        "for the default (run.seed - 1, seed 0 takes seed 1)")
+    if cfg.inputs.student is not None:
+        raise UserError("regularizer.phi_control=other_seed plans the other seed's student and "
+                        f"meta stage; it cannot use an explicit inputs.student ({cfg.inputs.student})")
+    return replace(cfg, run=replace(cfg.run, seed=seed))
 
 
 def _explicit_input(dep: str, cfg: Config) -> str | None:
@@ -124,7 +168,7 @@ def plan(stage: str, cfg: Config) -> list[Node]:
             given[dep] = open_artifact(explicit, cfg, role)
             keys[dep] = given[dep].key
             continue
-        sub = plan(dep, cfg)
+        sub = plan(dep, _input_config(dep, cfg))
         nodes += [n for n in sub if n.id not in {m.id for m in nodes}]
         keys[dep] = sub[-1].key
     spec = stage_spec(stage, cfg, keys)
