@@ -11,7 +11,7 @@
                 [--report DIR] [--force]
     cmkg reproduce [same options]             # ablations/table{1,2,3}.yaml, then the report
     cmkg report [--report DIR] [--results DIR]    # tables and figures from the records only
-    cmkg report tune SWEEP_DIR [--storage URL]    # trials.parquet and plots from the study only
+    cmkg report tune SWEEP_DIR [--storage URL] [--report DIR]   # a sweep's summary from its study
     cmkg runs ls [--store DIR] [--stage S] [--where KEY=VALUE ...] [--seed N]
     cmkg runs show KEY [--store DIR] [--report DIR]   # lineage, config, metrics, references
     cmkg runs diff KEY KEY [--store DIR]              # what differs, side by side
@@ -179,11 +179,13 @@ def _add_result_parsers(sub) -> None:
     rep.add_argument("mode", nargs="?", choices=["tune"],
                      help="tune: rebuild a sweep's trials.parquet and plots from its study")
     rep.add_argument("sweep", nargs="?", help="the sweep folder ({run.store}/_tune/NAME)")
-    rep.add_argument("--report", default="reports", help="report folder (default: reports)")
+    rep.add_argument("--report", default=None, help="report folder (default: reports); with "
+                     "tune: where to write the sweep's summary to commit, e.g. "
+                     "reports/sweeps/NAME (default: the sweep folder)")
     rep.add_argument("--results", default=None,
                      help="records folder (default: REPORT/results)")
-    rep.add_argument("--storage", help="report tune: Optuna storage URL (default: the sweep "
-                     "folder's optuna.db)")
+    rep.add_argument("--storage", help="report tune: Optuna storage URL (default: the store's "
+                     "_tune/optuna.db)")
 
     runs = sub.add_parser("runs", help="find finished artifacts in a store").add_subparsers(
         dest="runs_command", required=True, parser_class=_Parser)
@@ -418,12 +420,12 @@ def _cmd_report(args) -> int:
 
         if not args.sweep:
             raise UserError("cmkg report tune: name the sweep folder ({run.store}/_tune/NAME)")
-        for path in report_tune(args.sweep, storage=args.storage):
+        for path in report_tune(args.sweep, storage=args.storage, report=args.report):
             print(path)
         return 0
     from cmkg.report import render_reports
 
-    out = Path(args.report)
+    out = Path(args.report or "reports")
     for path in render_reports(Path(args.results) if args.results else out / "results", out):
         print(path)
     return 0

@@ -176,8 +176,19 @@ def test_the_space_format_and_the_results_need_neither_ray_nor_its_adapter():
     assert not graph["spaces"] and graph["tune_results"] == {"spaces"}
 
 
-def test_define_by_run_samples_conditional_parameters():
-    space = load_space(SPACES / "prior.yaml", "smoke")
+CONDITIONAL = """stage: target
+params:
+  regularizer.form: {choice: [none, l2, weighted_l2, weighted_l1]}
+  regularizer.sigma: {float: [1.0e-6, 3.0], log: true, when: {regularizer.form: [l2]}}
+  regularizer.phi_param: {choice: [free, softplus], when: {regularizer.form: [weighted_l2, weighted_l1]}}
+  regularizer.phi_init: {float: [1.0e-7, 1.0e-3], log: true, when: {regularizer.phi_param: [softplus]}}
+  meta.beta: {float: [1.0e-9, 1.0e+8], log: true, when: {regularizer.form: [weighted_l2, weighted_l1]}}
+  meta.inner_steps: {int: [1, 3], when: {regularizer.form: [weighted_l2, weighted_l1]}}
+"""
+
+
+def test_define_by_run_samples_conditional_parameters(tmp_path):
+    space = load_space(_space(tmp_path, CONDITIONAL), "smoke")
     beta = next(q for q in space.params if q.name == "meta.beta")
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     seen = set()
@@ -194,6 +205,17 @@ def test_define_by_run_samples_conditional_parameters():
             assert beta.low <= p["meta.beta"] <= beta.high and p["meta.inner_steps"] in (1, 2, 3)
         study.tell(trial, 0.0)
     assert seen == {"none", "l2", "weighted_l2", "weighted_l1"}
+    # a when over two earlier parameters holds only where both do (prior.yaml: beta for Adam
+    # on free phi)
+    prior = load_space(SPACES / "prior.yaml", "smoke")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    for _ in range(30):
+        trial = study.ask()
+        prior.define_by_run(trial)
+        p = trial.params
+        assert ("meta.beta" in p) == (p["meta.phi_optimizer"] == "adam"
+                                      and p["regularizer.phi_param"] == "free")
+        study.tell(trial, 0.0)
     # list-valued choices travel through Optuna as JSON and come back as lists
     distill = load_space(SPACES / "distill.yaml", "smoke")
     trial = optuna.create_study().ask()
@@ -218,7 +240,7 @@ def test_tune_runs_resumes_and_best_retrains(local_ray, tmp_path, capsys):
     exp = next((tmp_path / "runs" / "_tune").glob("smoke-*"))
     best = yaml.safe_load((exp / "best.yaml").read_text())
     assert best == summary and best["trials_finished"] == 3
-    with sqlite3.connect(exp / "optuna.db") as db:
+    with sqlite3.connect(exp.parent / "optuna.db") as db:
         states = [s for (s,) in db.execute("select state from trials")]
         params = db.execute("select trial_id, param_name from trial_params").fetchall()
     assert states == ["COMPLETE"] * 3
@@ -236,7 +258,7 @@ def test_tune_runs_resumes_and_best_retrains(local_ray, tmp_path, capsys):
     assert "--resume" in capsys.readouterr().err
     assert cli.main(["tune", space, *args, "--resume"]) == 0
     assert json.loads(capsys.readouterr().out)["trials_finished"] == 3
-    with sqlite3.connect(exp / "optuna.db") as db:
+    with sqlite3.connect(exp.parent / "optuna.db") as db:
         assert db.execute("select count(*) from trials").fetchone()[0] == 3
     # best.yaml's command retrains nothing: it names the best trial's artifact exactly
     retrain = shlex.split(best["retrain"])
@@ -261,7 +283,7 @@ def test_tune_with_a_store_on_s3(local_ray, tmp_path, s3_uri, capsys):
     assert summary["trials_finished"] == 3 and summary["best"]["metrics"]["artifact"].startswith(
         "s3://")
     exp = next((mirror / "_tune").glob("smoke-*"))
-    assert (exp / "optuna.db").is_file() and (exp / "best.yaml").is_file()
+    assert (exp.parent / "optuna.db").is_file() and (exp / "best.yaml").is_file()
     fs, base = storage.open_uri(uri)
     files = [i.path for i in fs.get_file_info(pafs.FileSelector(base, recursive=True))
              if i.type == pafs.FileType.File]

@@ -76,7 +76,8 @@ def test_two_concurrent_trials_on_two_nodes_share_upstream_stages(tmp_path):
 
         assert summary["trials_finished"] == 2 and summary["trials_failed"] == 0
         exp = next((store / "_tune").glob("space-*"))
-        study = optuna.load_study(study_name=exp.name, storage=f"sqlite:///{exp / 'optuna.db'}")
+        study = optuna.load_study(study_name=exp.name,
+                                  storage=f"sqlite:///{exp.parent / 'optuna.db'}")
         assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
         assert {t.params["epochs.target"] for t in study.trials} == {2, 3}
 

@@ -42,7 +42,8 @@ def _tiny(data_root, out) -> list[str]:
 def _study(out: Path) -> tuple[Path, optuna.Study]:
     """The sweep folder under store ``out`` and its study, opened as a user would."""
     exp = next((out / "_tune").glob("*-*"))
-    return exp, optuna.load_study(study_name=exp.name, storage=f"sqlite:///{exp / 'optuna.db'}")
+    return exp, optuna.load_study(study_name=exp.name,
+                                  storage=f"sqlite:///{exp.parent / 'optuna.db'}")
 
 
 class _Stop(Exception):
@@ -218,8 +219,10 @@ def test_trials_table_and_plots_from_a_study(tmp_path):
         study.tell(trial, 40.0 - i)
     (tmp_path / "param_importances.png").write_bytes(b"stale")
     written = write_results(study, tmp_path)
-    assert {p.name for p in written} == {"trials.parquet", *(f"{p}.png" for p in PLOTS)}
-    assert all(p.stat().st_size > 1000 for p in written)
+    assert {p.name for p in written} == {"trials.parquet", "README.md",
+                                         *(f"{p}.png" for p in PLOTS)}
+    assert all(p.stat().st_size > 1000 for p in written if p.suffix != ".md")
+    assert "| 1 | PRUNED |" in (tmp_path / "README.md").read_text()
     rows = pq.read_table(tmp_path / "trials.parquet").to_pylist()
     assert [(r["state"], r["epochs"], r["val_epe_mm"], r["test_epe_mm"]) for r in rows] == [
         ("COMPLETE", 3, 40.0, 41.0), ("PRUNED", 1, 49.0, None), ("COMPLETE", 3, 38.0, 39.0)]

@@ -41,7 +41,7 @@ def test_an_interrupted_sweep_resumes(tmp_path):
     db = None
     deadline = time.time() + 300
     while time.time() < deadline and first.poll() is None:
-        found = list((tmp_path / "runs" / "_tune").glob("*/optuna.db"))
+        found = list((tmp_path / "runs" / "_tune").glob("optuna.db"))  # the store's one
         db = found[0] if found else None
         if db and _states(db).count("COMPLETE") >= 1 and len(_states(db)) >= 2:
             break  # one trial done, the next one running

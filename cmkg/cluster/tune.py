@@ -160,15 +160,38 @@ def _drop_partial(store, stage: str, key: str, epoch: int) -> None:
 
 
 def _trial(params: dict, *, base: dict, stage: str, threads: int, source: str,
-           decode: dict[str, dict]) -> None:
+           decode: dict[str, dict], seeds: list[int] | None = None) -> None:
     """One trial: its config (the base config's dict with the sampled parameters, its CPUs as
-    torch threads, no progress bar; one ``from_dict``), the stage run in this process (it
-    already holds its CPUs/GPU: no Ray Train start-up), every validated epoch reported, then
-    the final metrics. (Tune's ``Tuner.restore`` checks the trainable's name: keep it.)"""
+    torch threads, no progress bar; one ``from_dict`` per seed), the stage run in this process
+    (it already holds its CPUs/GPU: no Ray Train start-up) once per seed of the space's
+    ``seeds`` (or once, at the base config's ``run.seed``), then the final metrics: each the
+    mean over the seeds, the seeds' own values beside them (``per_seed``). Only the first seed's
+    validated epochs are reported while it trains (what ASHA and the pruners judge); a trial
+    stopped there never trains the other seeds. (Tune's ``Tuner.restore`` checks the
+    trainable's name: keep it.)"""
     from cmkg import stages
 
-    cfg = trial_config(base, {**trial_params(params, decode), "run.threads": threads,
-                              "run.progress": "none"}, source)
+    sampled = {**trial_params(params, decode), "run.threads": threads, "run.progress": "none"}
+    runs = []
+    for i, seed in enumerate(seeds or [None]):
+        cfg = trial_config(base, sampled if seed is None else {**sampled, "run.seed": seed},
+                           source)
+        on_epoch = _epoch_reporter(cfg, stage) if i == 0 else None
+        art = stages.run_stage(stage, cfg, on_epoch=on_epoch)
+        runs.append((cfg.run.seed, _final_metrics(art, stages.Store.of(cfg),
+                                                  getattr(cfg.epochs, stage))))
+    per_seed = dict(runs)
+    mean = {k: float(sum(m[k] for m in per_seed.values()) / len(per_seed)) for k in REPORTED}
+    first = per_seed[runs[0][0]]
+    tune.report({**mean, "epoch": first["epoch"], "artifact": first["artifact"],
+                 "per_seed": json.dumps({str(s): m for s, m in per_seed.items()})})
+
+
+def _epoch_reporter(cfg, stage: str):
+    """The ``on_epoch`` callback of a trial's (first) stage run: every validated epoch but the
+    last to Tune; when Tune stops the trial there, the stage's checkpoint is dropped."""
+    from cmkg import stages
+
     store, key = stages.Store.of(cfg), stages.plan(stage, cfg)[-1].key
     epochs = getattr(cfg.epochs, stage)
 
@@ -182,15 +205,20 @@ def _trial(params: dict, *, base: dict, stage: str, threads: int, source: str,
             _drop_partial(store, stage, key, epoch)
             raise
 
-    art = stages.run_stage(stage, cfg, on_epoch=on_epoch)
+    return on_epoch
+
+
+def _final_metrics(art, store, epochs: int) -> dict:
+    """A published stage's figures as a trial reports them: the kept weights' best validation
+    EPE and that epoch's AUC, the test metrics, the last epoch, the artifact."""
     m = art.metrics
     # the epoch whose weights the stage keeps (best validation EPE) gives the validation AUC
     best = min(m["history"], key=lambda h: h.get("val", {}).get("epe_mm", float("inf")))
-    tune.report({"val_epe_mm": m["best_val_epe_mm"],
-                 "val_auc_20_50": best.get("val", {}).get("auc_20_50", float("nan")),
-                 "test_epe_mm": m["test"]["epe_mm"], "test_auc_20_50": m["test"]["auc_20_50"],
-                 "epoch": m["history"][-1]["epoch"] if m["history"] else epochs,
-                 "artifact": store.describe(stage, art.key)})
+    return {"val_epe_mm": m["best_val_epe_mm"],
+            "val_auc_20_50": best.get("val", {}).get("auc_20_50", float("nan")),
+            "test_epe_mm": m["test"]["epe_mm"], "test_auc_20_50": m["test"]["auc_20_50"],
+            "epoch": m["history"][-1]["epoch"] if m["history"] else epochs,
+            "artifact": store.describe(art.stage, art.key)}
 
 
 # -- the sweep --------------------------------------------------------------------------------
@@ -245,16 +273,40 @@ def _worker_cpus(space: Space) -> int:
     return cpus
 
 
-def _open_study(space: Space, name: str, url: str):
-    """The sweep's Optuna study (created or loaded) and its storage; the user attributes
-    `cmkg report tune` labels its plots with."""
+def study_storage(paths: SweepPaths, storage: str | None) -> str:
+    """The Optuna storage URL of a sweep: ``storage`` (``--storage``), else the store's one
+    SQLite database ``{store}/_tune/optuna.db`` that every sweep of the store shares (one study
+    per sweep, named after it), except for a sweep started before that, which keeps the
+    ``optuna.db`` in its own folder."""
+    if storage:
+        return storage
+    own = paths.local / "optuna.db"
+    return f"sqlite:///{own if own.is_file() else paths.local.parent / 'optuna.db'}"
+
+
+def _open_study(space: Space, name: str, url: str, *, new: bool):
+    """The sweep's Optuna study (created or loaded) and its storage; its metric's name
+    (``set_metric_names``: what optuna-dashboard and the plots label the value with) and the
+    user attributes `cmkg report tune` reads. A ``new`` sweep's ``enqueue`` points go into the
+    study first, in order (``enqueue_trial``, skipping any the study already holds), so the
+    first trials Tune asks for are those."""
+    import warnings
+
     import optuna
 
     rdb = optuna.storages.RDBStorage(url)
     study = optuna.create_study(study_name=name, storage=rdb, load_if_exists=True,
                                 direction="minimize" if space.mode == "min" else "maximize")
-    for key, value in (("metric", space.metric), ("stage", space.stage), ("space", space.path)):
+    with warnings.catch_warnings():  # set_metric_names is marked experimental (Optuna 3.2-5)
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([space.metric])
+    attrs = {"metric": space.metric, "stage": space.stage, "space": space.path,
+             "seeds": space.seeds}
+    for key, value in attrs.items():
         study.set_user_attr(key, value)
+    if new:
+        for point in space.fixed_points():
+            study.enqueue_trial(point, skip_if_exists=True)
     return study, rdb
 
 
@@ -300,8 +352,8 @@ def run_tune(space_path: str, base_config: str | None, overrides: list[str], *,
     init_ray(address)
     cpus = _worker_cpus(space)
     paths.local.mkdir(parents=True, exist_ok=True)
-    url = storage or f"sqlite:///{paths.local / 'optuna.db'}"
-    study, rdb = _open_study(space, name, url)
+    url = study_storage(paths, storage)
+    study, rdb = _open_study(space, name, url, new=not restorable)
     sampler = (optuna.samplers.TPESampler(seed=space.seed) if space.sampler == "tpe"
                else optuna.samplers.RandomSampler(seed=space.seed))
     search = ray_compat.PruningSearch(space=space.define_by_run, metric=space.metric,
@@ -309,15 +361,18 @@ def run_tune(space_path: str, base_config: str | None, overrides: list[str], *,
                                       storage=rdb, pruner=make_pruner(space))
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=base, stage=space.stage, threads=cpus,
-                             source=space.path, decode=space.decoders()),
+                             source=space.path, decode=space.decoders(), seeds=space.seeds),
         {"cpu": cpus, "gpu": space.gpus_per_worker})
     progress = Progress(total=space.trials, metric=space.metric, mode=space.mode,
                         decode=space.decoders(), budget_s=space.time_budget_s)
     stopping = f"; scheduler {json.dumps(space.scheduler)}" if space.scheduler else ""
     budget = f"; time budget {space.time_budget_s:g}s" if space.time_budget_s else ""
-    print(f"sweep {name}: {space.trials} trials of {space.stage}, {space.concurrency} at a time x "
-          f"{cpus} CPU{stopping}{budget}; study {url}; results {paths.experiment}",
-          file=sys.stderr, flush=True)
+    seeds = (f"; each the mean over seeds {', '.join(map(str, space.seeds))}"
+             if space.seeds and len(space.seeds) > 1 else "")
+    queued = f"; {len(space.enqueue)} enqueued point(s) first" if space.enqueue else ""
+    print(f"sweep {name}: {space.trials} trials of {space.stage}{seeds}, {space.concurrency} at "
+          f"a time x {cpus} CPU{stopping}{budget}{queued}; study {name} in {url}; results "
+          f"{paths.experiment}", file=sys.stderr, flush=True)
     if restorable:
         tuner = tune.Tuner.restore(paths.experiment, trainable, resume_errored=True,
                                    storage_filesystem=paths.ray_fs)
@@ -329,7 +384,7 @@ def run_tune(space_path: str, base_config: str | None, overrides: list[str], *,
     budget_hit = bool(space.time_budget_s) and time.monotonic() - started >= space.time_budget_s
     if budget_hit:
         settle(study, results, progress)
-    return summarise(results, space, base_config, list(overrides) + space.set, paths.local,
+    return summarise(results, space, base_config, list(overrides), paths.local,
                      study, budget_hit=budget_hit)
 
 
