@@ -535,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
                 "runs": _cmd_runs, "eval-predictions": _cmd_eval,
                 "figure": _cmd_figure, "config": _cmd_config_show}
     try:
-        return handlers[args.command](args)
+        return _tracked(handlers[args.command], args)
     except Exception as e:  # a UserError: raised here, in a Ray task or in a Ray Train worker
         from cmkg.errors import unwrap_user_error
 
@@ -551,3 +551,29 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+TRACKED = ("train", "ablate", "reproduce", "tune")  # commands with a parent run (run.tracking)
+
+
+def _tracked(handler, args) -> int:
+    """``handler(args)``; a training command whose config sets ``run.tracking`` runs inside
+    one parent run (``cmkg.tracking.command``) that its stages', and a sweep's trials', runs
+    nest under, ended FAILED when the command fails."""
+    if args.command not in TRACKED or getattr(args, "dry_run", False):
+        return handler(args)
+    from cmkg import config, tracking
+
+    cfg = config.load(args.config, _overrides(args))
+    if cfg.run.tracking.backend == "none":
+        return handler(args)
+    from cmkg.stages import Store
+
+    what = ([args.stage] if args.command == "train" else [Path(args.space).stem]
+            if args.command == "tune" else [Path(a).stem for a in getattr(args, "ablation", [])])
+    name = " ".join(["cmkg", args.command, *what])
+    with tracking.command(cfg, Store.of(cfg).root, name, {"preset": args.config}) as run:
+        status = handler(args)
+        if status and run is not None:
+            run.status = "FAILED"
+        return status
+
+

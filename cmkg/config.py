@@ -151,6 +151,14 @@ class InputsConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Experiment tracking (``cmkg.tracking``, docs/tracking.md); in no stage key."""
+
+    backend: str = "none"  # none | mlflow | tensorboard
+    uri: str | None = None  # MLflow tracking URI or TensorBoard log folder; null: beside run.store
+
+
+@dataclass
 class RunConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -160,6 +168,7 @@ class RunConfig:
     loader_workers: int = 0
     eval_every: int = 1
     progress: str = "auto"  # auto (bar on a terminal, lines otherwise) | lines | none
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 @dataclass
@@ -178,6 +187,19 @@ class Config:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _check_tracking(t: TrackingConfig, check) -> None:
+    from cmkg import tracking  # no mlflow/tensorboard import: only whether they are installed
+
+    check(t.backend in tracking.BACKENDS, "run.tracking.backend",
+          f"must be one of {', '.join(tracking.BACKENDS)}, got {t.backend!r}")
+    missing = tracking.missing_package(t.backend) if t.backend in tracking.BACKENDS else None
+    check(missing is None, "run.tracking.backend",
+          f"{t.backend} needs the {missing} package, which is not installed: "
+          "pip install -e '.[tracking]'")
+    check(t.uri is None or bool(t.uri.strip()), "run.tracking.uri",
+          "must be null (beside run.store) or a URI / folder, got an empty string")
 
 
 def digest(obj) -> str:
@@ -369,6 +391,7 @@ def validate(cfg: Config) -> list[str]:
     check(cfg.run.eval_every >= 1, "run.eval_every", "must be >= 1")
     check(cfg.run.progress in ("auto", "lines", "none"), "run.progress",
           f"must be auto, lines or none, got {cfg.run.progress!r}")
+    _check_tracking(cfg.run.tracking, check)
     check(cfg.preset is None or cfg.preset in PRESETS, "preset",
           f"must be one of {', '.join(PRESETS)}, got {cfg.preset!r}")
     return p

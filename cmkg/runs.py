@@ -50,7 +50,7 @@ from cmkg.yamlfile import assignment
 
 # config entries that cannot change a result: where it ran and was stored, how it printed
 NO_EFFECT = ("run.store", "run.cache", "run.threads", "run.progress", "run.loader_workers",
-             "run.device", "data.root")
+             "run.device", "data.root", "run.tracking.backend", "run.tracking.uri")
 
 
 @dataclass

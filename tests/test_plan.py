@@ -21,6 +21,8 @@ NOT_IN_KEY = {
     "run.cache": "the local mirror of a remote store",
     "run.loader_workers": "loader processes: the batches and their order are the same",
     "run.progress": "console output only",
+    "run.tracking.backend": "experiment tracking (cmkg.tracking) only records what a stage does",
+    "run.tracking.uri": "where the tracker keeps its runs",
     "preset": "a name for the values it sets, which are hashed themselves",
     "inputs.teacher": "an explicit input enters the key as that artifact's key (plan())",
     "inputs.student": "likewise",
@@ -85,7 +87,8 @@ def test_every_config_field_is_hashed_or_declared_result_neutral(tmp_path):
         for key, value in _leaves(base):
             if key in ("data.augment", "inputs.teacher", "inputs.student", "regularizer.prior"):
                 continue
-            new = {"run.cache": "/elsewhere", "regularizer.phi_clip": [-1.0, 1.0],
+            new = {"run.cache": "/elsewhere", "run.tracking.uri": "http://elsewhere:5000",
+                   "regularizer.phi_clip": [-1.0, 1.0],
                    "data.source.path": str(folder), "data.target.path": str(folder)}.get(key, _perturbed(value))
             if key.endswith(".domain"):
                 new = "freihand-g"

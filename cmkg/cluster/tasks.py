@@ -16,15 +16,21 @@ from __future__ import annotations
 
 import dataclasses
 
-from cmkg import stages
+from cmkg import stages, tracking
 from cmkg.cluster.connect import portable
 
 
 def run_nodes(nodes: list[stages.Node], threads: int, workers: int, gpus_per_worker: float,
-              *upstream: str) -> str:
+              *upstream: str, tracking_context: dict | None = None) -> str:
     """The task's body: run ``nodes`` in order (their inputs are cached or earlier in
     ``nodes``); return the last artifact's local path. ``upstream`` only orders the task after
-    the tasks it needs."""
+    the tasks it needs; ``tracking_context`` is the command's parent run (``cmkg.tracking``)."""
+    with tracking.using(tracking_context):
+        return _run_nodes(nodes, threads, workers, gpus_per_worker)
+
+
+def _run_nodes(nodes: list[stages.Node], threads: int, workers: int,
+               gpus_per_worker: float) -> str:
     import torch
 
     def with_run(node: stages.Node, **entries) -> stages.Node:
@@ -59,4 +65,4 @@ def submit(nodes: list[stages.Node], *upstream, cpus_per_worker: int = 1,
                    "max_retries": max_retries, "retry_exceptions": False}
     task = ray.remote(run_nodes).options(**options)
     return task.remote([portable(n) for n in nodes], cpus_per_worker, workers, gpus_per_worker,
-                       *upstream)
+                       *upstream, tracking_context=tracking.for_node(*(n.key for n in nodes)))

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from cmkg import stages
+from cmkg import stages, tracking
 from cmkg.cluster.connect import absolute_paths, init_ray, portable, preflight
 from cmkg.config import Config
 from cmkg.console import say
@@ -87,12 +87,13 @@ def _worker_main(config: dict) -> None:
         upstream = {d: stages.open_artifact(p) for d, p in config["upstream"].items()}
         rank = ray.train.get_context().get_world_rank()  # ray
         torch.set_num_threads(max(1, int(config["threads"])))
-        stages.train_node(node, upstream, Store.of(node.cfg),
-                          device=ray.train.torch.get_device(),  # ray
-                          checkpoints=RayCheckpoints(rank),
-                          wrap=ray.train.torch.prepare_model,  # ray: DDP (not for meta)
-                          prepare_loader=ray.train.torch.prepare_data_loader,  # ray: sampler
-                          publishes=rank == 0)
+        with tracking.using(config.get("tracking")):  # the command's parent run, if tracked
+            stages.train_node(node, upstream, Store.of(node.cfg),
+                              device=ray.train.torch.get_device(),  # ray
+                              checkpoints=RayCheckpoints(rank),
+                              wrap=ray.train.torch.prepare_model,  # ray: DDP (not for meta)
+                              prepare_loader=ray.train.torch.prepare_data_loader,  # ray: sampler
+                              publishes=rank == 0)
     except UserError as e:
         name = f"{type(e).__module__}.{type(e).__qualname__}: "
         _quiet_console(lambda r: r.getMessage().startswith("Error in training function")
@@ -205,7 +206,7 @@ def train_ray(node: Node, upstream: dict[str, Artifact], store: Store, *, worker
     storage_path, storage_fs = store.ray_storage()
     trainer = TorchTrainer(
         _worker_main,
-        train_loop_config={"node": node, "threads": threads,
+        train_loop_config={"node": node, "threads": threads, "tracking": tracking.for_node(key),
                            "upstream": {d: str(a.path.resolve()) for d, a in upstream.items()}},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0,
                                      resources_per_worker={"CPU": threads,

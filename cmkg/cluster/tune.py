@@ -52,6 +52,7 @@ from ray import tune
 from ray.tune import Callback
 
 from cmkg import config as config_mod
+from cmkg import tracking
 from cmkg.cluster import ray_compat
 from cmkg.cluster.spaces import Param, Space, load_space, make_pruner, trial_config, trial_params
 from cmkg.cluster.tune_results import (
@@ -160,7 +161,8 @@ def _drop_partial(store, stage: str, key: str, epoch: int) -> None:
 
 
 def _trial(params: dict, *, base: dict, stage: str, threads: int, source: str,
-           decode: dict[str, dict], seeds: list[int] | None = None) -> None:
+           decode: dict[str, dict], seeds: list[int] | None = None,
+           tracking_context: dict | None = None) -> None:
     """One trial: its config (the base config's dict with the sampled parameters, its CPUs as
     torch threads, no progress bar; one ``from_dict`` per seed), the stage run in this process
     (it already holds its CPUs/GPU: no Ray Train start-up) once per seed of the space's
@@ -173,15 +175,19 @@ def _trial(params: dict, *, base: dict, stage: str, threads: int, source: str,
 
     sampled = {**trial_params(params, decode), "run.threads": threads, "run.progress": "none"}
     runs = []
-    for i, seed in enumerate(seeds or [None]):
-        cfg = trial_config(base, sampled if seed is None else {**sampled, "run.seed": seed},
-                           source)
-        on_epoch = _epoch_reporter(cfg, stage) if i == 0 else None
-        art = stages.run_stage(stage, cfg, on_epoch=on_epoch)
-        runs.append((cfg.run.seed, _final_metrics(art, stages.Store.of(cfg),
-                                                  getattr(cfg.epochs, stage))))
-    per_seed = dict(runs)
-    mean = {k: float(sum(m[k] for m in per_seed.values()) / len(per_seed)) for k in REPORTED}
+    # run.tracking: the trial is a run under the sweep's, its stages' runs under it
+    with tracking.trial(tracking_context, lambda: tune.get_context().get_trial_id(),
+                        trial_params(params, decode)) as tracked:
+        for i, seed in enumerate(seeds or [None]):
+            cfg = trial_config(base, sampled if seed is None else {**sampled, "run.seed": seed},
+                               source)
+            on_epoch = _epoch_reporter(cfg, stage) if i == 0 else None
+            art = stages.run_stage(stage, cfg, on_epoch=on_epoch)
+            runs.append((cfg.run.seed, _final_metrics(art, stages.Store.of(cfg),
+                                                      getattr(cfg.epochs, stage))))
+        per_seed = dict(runs)
+        mean = {k: float(sum(m[k] for m in per_seed.values()) / len(per_seed)) for k in REPORTED}
+        tracked.metrics(mean)
     first = per_seed[runs[0][0]]
     tune.report({**mean, "epoch": first["epoch"], "artifact": first["artifact"],
                  "per_seed": json.dumps({str(s): m for s, m in per_seed.items()})})
@@ -343,6 +349,7 @@ def run_tune(space_path: str, base_config: str | None, overrides: list[str], *,
     base_cfg = absolute_paths(config_mod.load(base_config, list(overrides) + space.set))
     base = base_cfg.to_dict()  # how the trials get it: each applies its parameters to it
     name = experiment_name(space, base)
+    tracking.tag_command(sweep=name)  # run.tracking: on the command's run and its trials'
     paths = SweepPaths.of(Store.of(base_cfg), name)
     restorable = tune.Tuner.can_restore(paths.experiment, storage_filesystem=paths.ray_fs)
     if restorable and not resume:
@@ -361,7 +368,8 @@ def run_tune(space_path: str, base_config: str | None, overrides: list[str], *,
                                       storage=rdb, pruner=make_pruner(space))
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=base, stage=space.stage, threads=cpus,
-                             source=space.path, decode=space.decoders(), seeds=space.seeds),
+                             source=space.path, decode=space.decoders(), seeds=space.seeds,
+                             tracking_context=tracking.current()),
         {"cpu": cpus, "gpu": space.gpus_per_worker})
     progress = Progress(total=space.trials, metric=space.metric, mode=space.mode,
                         decode=space.decoders(), budget_s=space.time_budget_s)

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from cmkg import tracking
 from cmkg.atomic import torch_save, write_json, write_yaml
 from cmkg.config import Config
 from cmkg.console import say
@@ -135,10 +136,14 @@ def train_node(node: Node, upstream: dict[str, Artifact], store: Store, *,
         say(f"{stage}: resuming {store.describe(stage, key)} after epoch {state.epoch}/"
             f"{spec['epochs']}")
 
+    track = tracking.StageRun(node, store.root, active=publishes)  # run.tracking, opt in
+    track.history(state.history)  # a resumed run's earlier epochs
+
     def report(st: FitState) -> None:
         if learns_prior:
             check_phi(run.regularizer, stage, st.epoch)
         checkpoints.save(lambda: checkpoint_blob(run, key, st, gen), st)
+        track.epoch(st.history[-1])
         if on_epoch is not None:  # after the checkpoint: a caller stopping here can resume it
             on_epoch(st.epoch, st.history[-1])
 
@@ -148,14 +153,17 @@ def train_node(node: Node, upstream: dict[str, Artifact], store: Store, *,
         say(f"{stage}: training {spec['arch']} on {DEFS[stage].modality} ({len(run.train_set)} "
             f"train / {len(run.val_set)} val samples, {spec['epochs']} epochs, {device}) -> "
             f"{store.describe(stage, key)}")
-    try:
-        state = fit_stage(run, cfg, spec, train_loader, val_loader, device, state, report)
-    except NumericalError:  # a diverged run is nothing to resume: leave no partial behind
-        checkpoints.discard()
-        raise
-    if not publishes:
-        return None
-    return publish(run, node, upstream, state, test_loader, store, device, started)
+    with track:  # an error or a stop ends the tracked run FAILED or KILLED
+        try:
+            state = fit_stage(run, cfg, spec, train_loader, val_loader, device, state, report)
+        except NumericalError:  # a diverged run is nothing to resume: leave no partial behind
+            checkpoints.discard()
+            raise
+        if not publishes:
+            return None
+        art = publish(run, node, upstream, state, test_loader, store, device, started)
+        track.finish(art.metrics, store.describe(stage, key))
+    return art
 
 
 def fit_stage(run: StageRun, cfg: Config, spec: dict, train_loader, val_loader,
