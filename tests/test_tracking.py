@@ -31,6 +31,16 @@ def _tiny(tmp_path) -> list[str]:
             "--set", f"data.root={tmp_path / 'data'}", "--store", str(tmp_path / "runs")]
 
 
+@pytest.fixture(autouse=True)
+def _fresh_tracking(monkeypatch):
+    """Each test starts with tracking as a fresh process has it: not yet failed (a failure
+    turns tracking off for the rest of the process), no trackers made, no context."""
+    monkeypatch.setattr(tracking, "_off", [])
+    monkeypatch.setattr(tracking, "_trackers", {})
+    monkeypatch.setattr(tracking, "_context", None)
+    monkeypatch.delenv(tracking.ENV, raising=False)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
