@@ -27,6 +27,9 @@ sigma; for (weighted) l1, D_i = lr * K * phi_i / (s_i |theta_i|). D_i > 0: R dec
 exactly 0 counts as D_i = 0 (R does not move it there). Where the data give a weight no
 gradient, s_i comes from R's own gradient and D_i = lr * K / |theta_i| whatever phi_i is: Adam
 normalises R's scale away. ``optim.weight_decay`` (an l2 of its own inside Adam) is not part of D.
+Under a learning-rate schedule, lr * K is the sum of the rates over the run's steps
+(``schedule_lr_sum``; lr (K + 1) / 2 for ``optim.schedule: cosine``), not the rate at the step
+D is measured at (0 after a cosine run's last step).
 
 Next to D, ||grad R|| / ||grad L_REG|| on each regularised tensor (``grad_ratio``) says how much
 of the gradient R contributes on the fixed batch.
@@ -39,6 +42,7 @@ diagnostics trains exactly like one without.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
@@ -141,15 +145,28 @@ def summarize(d: Tensor) -> dict[str, float]:
             "frac_d_negative": float((a < 0).mean())}
 
 
+def schedule_lr_sum(lr: float, total_steps: int, schedule: str = "constant") -> float:
+    """The sum of the learning rates over a run's ``total_steps`` steps (the lr * K of D):
+    lr K for a constant rate; for ``optim.schedule: cosine`` (lr (1 + cos(pi t / K)) / 2 at step
+    t = 0 .. K - 1, ``cmkg.train.cosine_schedule``) that sum, lr (K + 1) / 2."""
+    if schedule == "constant":
+        return lr * total_steps
+    if schedule == "cosine":
+        return lr * sum(0.5 * (1 + math.cos(math.pi * t / total_steps)) for t in range(total_steps))
+    raise ValueError(f"unknown learning-rate schedule {schedule!r}")
+
+
 def prior_strength(names: list[str], params: list[Tensor], grad_reg: list[Tensor],
                    grad_prior: list[Tensor], optimizer: torch.optim.Optimizer, *,
-                   total_steps: int) -> dict:
+                   total_steps: int, lr_sum: float | None = None) -> dict:
     """D and ||grad R|| / ||grad L_REG|| per regularised tensor ``names`` and over all of them.
 
     ``params``, ``grad_reg``, ``grad_prior``: the tensors, grad L_REG and grad R, in the order
-    of ``names``. Returns ``{"lr", "total_steps", "overall": {...}, "layers": {name: {...}}}``
+    of ``names``; ``lr_sum``: the sum of the rates over the run (``schedule_lr_sum``), None for
+    the optimizer's current rate times ``total_steps`` (a constant rate). Returns ``{"lr",
+    "total_steps", "overall": {...}, "layers": {name: {...}}}`` (lr: the mean rate over the run)
     with the keys of ``summarize`` plus ``grad_ratio``; ``{}`` before Adam's first step."""
-    lr = optimizer.param_groups[0]["lr"]
+    lr = optimizer.param_groups[0]["lr"] if lr_sum is None else lr_sum / total_steps
     layers, ds = {}, []
     for name, p, gr, gp in zip(names, params, grad_reg, grad_prior):
         s = adam_rms(optimizer, p)
@@ -216,10 +233,12 @@ def meta_diagnose(model: nn.Module, adapter: nn.Module, teacher: nn.Module,
 
 def target_diagnose(loss_fn: Callable[[dict], dict[str, Tensor]], batch: dict[str, Tensor],
                     model: nn.Module, reg, optimizer: torch.optim.Optimizer,
-                    ) -> Callable[[int], dict]:
+                    lr_sum: Callable[[int], float] | None = None) -> Callable[[int], dict]:
     """Hook of the target stage (F = L_REG + R): the shares of ``reg`` and ``prior`` on the
     backbone and, per regularised tensor of ``reg`` (a ``Regularizer``), D and the gradient
-    ratio (``prior_strength``). ``loss_fn``: ``regularized_objective`` on the bare ``model``."""
+    ratio (``prior_strength``). ``loss_fn``: ``regularized_objective`` on the bare ``model``;
+    ``lr_sum``: total steps K -> the sum of the rates over the run, for a schedule (None: the
+    optimizer's rate is constant)."""
     named = dict(model.named_parameters())
     backbone = {id(p) for p in backbone_parameters(model)}
     params = list(named.values())
@@ -237,7 +256,8 @@ def target_diagnose(loss_fn: Callable[[dict], dict[str, Tensor]], batch: dict[st
                     reg_names, [named[n] for n in reg_names],
                     [by_name["reg"][n] for n in reg_names],
                     [by_name["prior"][n] for n in reg_names], optimizer,
-                    total_steps=total_steps)}
+                    total_steps=total_steps,
+                    lr_sum=None if lr_sum is None else lr_sum(total_steps))}
 
     return diagnose
 

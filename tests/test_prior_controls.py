@@ -178,12 +178,12 @@ def chain(tmp_path_factory):
 
 
 def _d_after_one_step(cfg, meta, **reg) -> float:
-    """median |D| the target's own diagnostics measure after one Adam step from init."""
+    """median |D| the target's own diagnostics measure after one Adam step from init (K = 100
+    steps)."""
     from cmkg import diagnostics
 
     cfg = _with(cfg, regularizer=reg)
     node = stages.plan("target", cfg)[-1]
-    assert node.inputs["meta"] == meta.key
     cpu = torch.device("cpu")
     run = stages.build_stage("target", cfg, node.spec, {"meta": meta}, cpu)
     batch = diagnostics.fixed_batch(run.train_set, cfg.optim.batch_size, cpu)
@@ -202,6 +202,27 @@ def test_strength_scales_the_realised_d_linearly(chain):
         assert _d_after_one_step(cfg, meta, strength=s) == pytest.approx(s * one, rel=1e-3)
     positive = _d_after_one_step(cfg, meta, strength=1000.0, sign="positive")
     assert 0 < positive < 1000.0 * one  # a part of phi (the negative entries) is now 0
+
+
+def test_d_under_a_cosine_schedule_sums_its_rates(chain):
+    """lr x K of D is the sum of the rates over the run: under optim.schedule cosine (0 at the
+    end of the run) D is not measured at the last step's rate but at the run's."""
+    from cmkg import diagnostics
+    from cmkg.train import cosine_schedule
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    sched, rates = cosine_schedule(opt, 100), []
+    for _ in range(100):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert diagnostics.schedule_lr_sum(1e-3, 100, "cosine") == pytest.approx(sum(rates), rel=1e-9)
+    assert diagnostics.schedule_lr_sum(1e-3, 100, "cosine") == pytest.approx(1e-3 * 101 / 2)
+    assert opt.param_groups[0]["lr"] < 1e-9  # the rate at the end of the run
+    cfg, meta = chain
+    constant = _d_after_one_step(_with(cfg, optim={"schedule": "constant"}), meta, strength=10.0)
+    cosine = _d_after_one_step(_with(cfg, optim={"schedule": "cosine"}), meta, strength=10.0)
+    assert cosine == pytest.approx(constant * 101 / 200, rel=1e-3)
 
 
 def test_the_applied_phi_is_what_the_stage_records(chain):
@@ -227,3 +248,95 @@ def test_the_applied_phi_is_what_the_stage_records(chain):
     assert d["positive"]["frac_d_negative"] == 0.0 < d["learned"]["frac_d_negative"]
     assert learned.metrics["history"][-1]["diagnostics"]["prior_strength"]["overall"] == \
         d["learned"]  # the realised D after the last epoch, in the stage's metrics
+
+
+# ------------------------------------------------------------------ rows at another row's choice
+
+STRENGTHS = [10.0, 1000.0]
+
+
+def _follow_table(tmp_path, control_choose=None, **top):
+    import yaml
+
+    data = {"table": "table2", "seeds": 2,
+            "columns": {"target": {"stage": "target", "metrics": ["epe_mm"]}},
+            "rows": [{"label": "none", "set": {"regularizer.form": "none"}},
+                     {"label": "learned", "set": {"regularizer.form": "weighted_l2"},
+                      "choose": {"key": "regularizer.strength", "values": STRENGTHS}},
+                     {"label": "permuted", "set": {"regularizer.form": "weighted_l2",
+                                                   "regularizer.phi_control": "permuted"},
+                      "choose": control_choose or {"follow": "learned"}}], **top}
+    path = tmp_path / "table2.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+class _Done:
+    """A finished stage as ``choose`` reads it: the learned row's val prefers strength 1000,
+    the permuted row's own val prefers 10 (so following is seen to override it)."""
+
+    def __init__(self, cell):
+        val = {("learned", 10.0): 20.0, ("learned", 1000.0): 10.0,
+               ("permuted", 10.0): 5.0, ("permuted", 1000.0): 30.0}.get(
+            (cell.row, cell.candidate), 15.0)
+        self.metrics = {"best_val_epe_mm": val + cell.seed, "test": {"epe_mm": val}}
+
+
+def test_a_following_row_takes_the_value_its_leader_chose(tmp_path):
+    from cmkg import ablation
+    from cmkg.ablation import cells as cells_mod
+
+    ab = ablation.load(_follow_table(tmp_path))
+    assert ab.row("permuted").choose == {"key": "regularizer.strength", "values": STRENGTHS,
+                                         "follow": "learned"}
+    cells = ablation.expand(ab, "smoke", [f"data.root={tmp_path}"])
+    # no choice seeds: the follower runs every value on the report seeds, like its leader
+    assert sorted((c.candidate, c.seed) for c in cells if c.row == "permuted") == \
+        [(10.0, 0), (10.0, 1), (1000.0, 0), (1000.0, 1)]
+    done = {c.node.id: _Done(c) for c in cells}
+    kept, notes, chosen = cells_mod.choose(ab, cells, done)
+    assert {c.candidate for c in kept if c.row == "learned"} == {1000.0}
+    assert {c.candidate for c in kept if c.row == "permuted"} == {1000.0}  # not its own 10
+    assert len([c for c in kept if c.row == "permuted"]) == 2
+    follow = chosen[("permuted", "target")]
+    assert follow["value"] == 1000.0 and follow["follows"] == "learned"
+    assert follow["own_val_epe_mm"] == {"10": 5.5, "1000": 30.5}
+    assert any("the value 'learned' chose on val" in n for n in notes)
+
+
+def test_a_following_row_waits_for_the_choice_seeds(tmp_path):
+    from cmkg import ablation
+    from cmkg.ablation import cells as cells_mod
+
+    ab = ablation.load(_follow_table(tmp_path, choice_seeds=2))
+    cells = ablation.expand(ab, "smoke", [f"data.root={tmp_path}"])
+    # the follower does not vote: no cells of its own on the choice seeds
+    assert not [c for c in cells if c.row == "permuted" and c.choosing]
+    first = cells_mod.first_round(ab, cells)
+    assert not [c for c in first if c.row == "permuted"]
+    done = {c.node.id: _Done(c) for c in first}
+    decided = cells_mod.decisions(ab, cells, done)
+    assert decided[("permuted", "target")] == decided[("learned", "target")] == 1000.0
+    todo = [c for c in cells_mod.needed(ab, cells, decided) if c.node.id not in done]
+    assert {(c.row, c.candidate) for c in todo} == {("learned", 1000.0), ("permuted", 1000.0)}
+    assert {c.seed for c in todo} == {2, 3}  # the report seeds
+    done.update({c.node.id: _Done(c) for c in todo})
+    kept, _, chosen = cells_mod.choose(ab, cells, done)
+    assert {(c.candidate, c.seed) for c in kept if c.row == "permuted"} == {(1000.0, 2),
+                                                                           (1000.0, 3)}
+    assert chosen[("permuted", "target")]["follows"] == "learned"
+
+
+@pytest.mark.parametrize("control_choose, message", [
+    ({"follow": "nobody"}, "'nobody' is not another row's label"),
+    ({"follow": "permuted"}, "is not another row's label"),
+    ({"follow": "none"}, "has no choose of its own"),
+    ({"follow": "learned", "values": [1.0, 2.0]}, "choose.values must be row 'learned'"),
+    ({"follow": "learned", "vals": [1.0]}, "vals"),
+])
+def test_bad_follow_entries_name_the_row(tmp_path, control_choose, message):
+    from cmkg import ablation
+
+    with pytest.raises(ConfigError, match="permuted|vals") as e:
+        ablation.load(_follow_table(tmp_path, control_choose))
+    assert message in str(e.value)

@@ -35,7 +35,10 @@ reach the lowest best validation EPE, averaged over the seeds, becomes the row; 
 no part in the choice, and the report notes the value chosen and every value's val EPE. With
 ``choice_seeds`` (or ``--choice-seeds K``) the choice is made on those seeds alone, one value
 for the row, which then runs on the report seeds, other seeds (fresh-seed confirmation; the
-other values never run there). A row with ``tuned: PATH/best.yaml`` takes a sweep's best trial
+other values never run there). A row with ``choose: {follow: label}`` takes the named row's key
+and values and, per column, the value that row chose (a control at the strength the learned
+prior chose, Table 2); it never chooses on its own metrics, and with choice seeds it runs only
+that value, on the report seeds. A row with ``tuned: PATH/best.yaml`` takes a sweep's best trial
 (``tuned.py``); its report seeds must be other than the sweep's.
 
 Every cell's ``stages.plan`` is unioned by (stage, key): Table 2's seven rows share one teacher,

@@ -218,6 +218,10 @@ def choose(ab: Ablation, cells: list[Cell], done: dict) -> tuple[list[Cell], lis
     keep: set[int] = {id(c) for c in cells if c.candidate is None and not c.choosing}
     found, chosen = [], {}
     report = seed_text({c.seed for c in cells if not c.choosing})
+    leads = {(row.label, col): _choose_one(row, [c for c in cells if c.row == row.label
+                                                 and c.column == col], done)
+             for row in ab.rows if row.choose is not None and leader(ab, row) is row
+             for col in ab.columns}
     for row in ab.rows:
         if row.tuned is not None:
             found.append(tuned.note(row.label, row.tuned, report))
@@ -225,7 +229,8 @@ def choose(ab: Ablation, cells: list[Cell], done: dict) -> tuple[list[Cell], lis
             continue
         for col in ab.columns:
             group = [c for c in cells if c.row == row.label and c.column == col]
-            picked, note = _choose_one(row, group, done)
+            picked, note = leads.get((row.label, col)) or _follow_one(
+                row, leader(ab, row), group, leads[(leader(ab, row).label, col)][0], done)
             keep |= {id(c) for c in group if c.candidate == picked["value"] and not c.choosing}
             found.append(note)
             if "val_epe_mm" in picked:
@@ -311,6 +316,28 @@ def tuned_choice(row: Row) -> dict:
     return {"choice_seeds": list(t["seeds"]), "chosen": {
         "by": "sweep", "sweep": t["sweep"], "file": t["file"], "metric": t["metric"],
         "params": t["params"], "seeds": list(t["seeds"]), "seeds_stated": t["seeds_stated"]}}
+
+
+def _follow_one(row: Row, lead: Row, group: list[Cell], lead_pick: dict,
+                done: dict) -> tuple[dict, str]:
+    """A following row's value for one column: the one ``lead`` chose (``lead_pick``), never
+    this row's own validation metric (shown beside it: its mean best val EPE per value over
+    its report cells that finished, where it ran more than the chosen value)."""
+    key = row.choose["key"]
+    if "val_epe_mm" not in lead_pick:  # the leader chose nothing: keep its fallback's cells
+        return {"value": lead_pick["value"]}, (f"{row.label}: follows {lead.label!r}, which "
+                                               f"chose no value of {key}; nothing chosen")
+    own = {}
+    for v in row.choose["values"]:
+        cs = [c for c in group if c.candidate == v and not c.choosing]
+        if cs and all(c.node.id in done for c in cs):
+            own[value_text(v)] = float(np.mean([done[c.node.id].metrics["best_val_epe_mm"]
+                                                for c in cs]))
+    text = ("; this row's own mean best val EPE, not used: "
+            + ", ".join(f"{k} {m:.2f}" for k, m in own.items()) + " mm") if len(own) > 1 else ""
+    note = (f"{row.label}: {key} = {value_text(lead_pick['value'])}, the value {lead.label!r} "
+            f"chose on val (matched to it){text}")
+    return {**lead_pick, "follows": lead.label, "own_val_epe_mm": own}, note
 
 
 def _choose_one(row: Row, group: list[Cell], done: dict) -> tuple[dict, str]:

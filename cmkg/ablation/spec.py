@@ -37,7 +37,9 @@ class Row:
     set: dict = field(default_factory=dict)
     scale: dict = field(default_factory=dict)  # preset -> {set, note}
     paper: dict = field(default_factory=dict)  # column -> {metric: value}
-    choose: dict | None = None  # {key: dotted config key, values: [...]}: chosen on val
+    # {key: dotted config key, values: [...]}: chosen on val; with follow: label, the value that
+    # row chose (its key and values)
+    choose: dict | None = None
     # a sweep's best.yaml (``tuned.read_best``): {where, path, params, sweep, metric, seeds, ...}
     tuned: dict | None = None
 
@@ -79,6 +81,7 @@ def load(path: str | Path) -> Ablation:
                  "seeds must be other seeds than those the choices are made on)")
     columns = _columns(data.get("columns"), p)
     rows = _rows(data.get("rows"), columns, p, path.parent)
+    _follows(rows, p)
     comparisons = _comparisons(data, columns, rows, p)
     figures = check_figures(data.get("figures"), [r.label for r in rows], list(columns),
                             "figures", p)
@@ -193,11 +196,17 @@ def _paper(value, columns: dict[str, Column], key: str, p: list[str]) -> dict:
 
 
 def _choose(value, key: str, problems: list[str]) -> dict | None:
-    """A row's ``choose: {key: dotted.config.key, values: [v1, v2, ...]}`` (>= 2 values)."""
+    """A row's ``choose: {key: dotted.config.key, values: [v1, v2, ...]}`` (>= 2 values), or
+    ``choose: {follow: label}``: the value the named row chooses (``_follows``)."""
     if value is None:
         return None
     value = mapping(value, key, problems)
-    unknown_keys(value, ("key", "values"), key, problems)
+    unknown_keys(value, ("key", "values", "follow"), key, problems)
+    if "follow" in value:  # completed from the named row once every row is read
+        if not isinstance(value["follow"], str) or not value["follow"]:
+            problems.append(f"{key}.follow: must be the label of another row")
+            return None
+        return {k: value[k] for k in ("follow", "key", "values") if k in value}
     ok = True
     if not isinstance(value.get("key"), str) or not value["key"]:
         problems.append(f"{key}.key: missing (a dotted config key, e.g. regularizer.sigma)")
@@ -207,6 +216,31 @@ def _choose(value, key: str, problems: list[str]) -> dict | None:
         problems.append(f"{key}.values: must be a list of at least 2 different values")
         ok = False
     return {"key": value["key"], "values": list(values)} if ok else None
+
+
+def _follows(rows: list[Row], p: list[str]) -> None:
+    """Complete the rows whose ``choose`` follows another row (a control at the strength the
+    learned row chose on val): the named row must choose a value itself; the follower takes
+    its key and values (any it states must be the same), and the runner gives it, per column,
+    the value that row chose (``cells.choose``, ``cells.decisions``)."""
+    labels = {r.label: r for r in rows}
+    for r in rows:
+        follow = (r.choose or {}).get("follow")
+        if follow is None:
+            continue
+        where = f"row {r.label!r}: choose.follow"
+        lead = labels.get(follow)
+        if lead is None or lead is r:
+            p.append(f"{where}: {follow!r} is not another row's label")
+        elif lead.choose is None or "follow" in lead.choose:
+            p.append(f"{where}: row {follow!r} has no choose of its own (key and values) to follow")
+        else:
+            for k in ("key", "values"):
+                if k in r.choose and r.choose[k] != lead.choose[k]:
+                    p.append(f"{where}: choose.{k} must be row {follow!r}'s ({lead.choose[k]!r}) "
+                             "or left out")
+            r.choose = {"key": lead.choose["key"], "values": list(lead.choose["values"]),
+                        "follow": follow}
 
 
 def _kind(entry: dict, where: str, p: list[str]) -> str:

@@ -235,7 +235,15 @@ def _target(run: StageRun, cfg: Config, spec: dict, upstream: dict[str, Artifact
     run.diagnose = diagnostics.target_diagnose(  # on the bare model: no DDP collectives
         regularized_objective(model, reg, reduction=asdict(cfg.reduction)),
         diagnostics.fixed_batch(run.train_set, cfg.optim.batch_size, device), model, reg,
-        run.optimizers[0])
+        run.optimizers[0], lr_sum=_lr_sum(cfg))
+
+
+def _lr_sum(cfg: Config) -> Callable[[int], float] | None:
+    """K -> the sum of the learning rates over a target run of K steps (D's lr x K), for a
+    schedule; None for a constant rate (the optimizer's rate is the run's)."""
+    if cfg.optim.schedule == "constant":
+        return None
+    return lambda k: diagnostics.schedule_lr_sum(cfg.optim.lr, k, cfg.optim.schedule)
 
 
 def _learned_prior(meta: Artifact, cfg: Config, spec: dict, model) -> Regularizer:
@@ -258,16 +266,17 @@ def calibrate(run: StageRun, cfg: Config, spec: dict, device: torch.device) -> d
     """The calibrated prior (``regularizer.calibrate_d``): scale phi_META of the target stage so
     that its median |D| at the fresh student's weights is the set value (``diagnostics.
     calibrate_prior``), with s from a fixed draw of training batches and K = epochs x steps of a
-    one-process run. Deterministic, draws nothing from torch's generators, so every data-parallel
-    worker computes the same phi."""
+    one-process run (lr: the mean rate over those steps under a schedule). Deterministic, draws
+    nothing from torch's generators, so every data-parallel worker computes the same phi."""
     r, bs = cfg.regularizer, cfg.optim.batch_size
     n = min(diagnostics.CALIBRATION_BATCHES, len(run.train_set) // bs)
     order = np.random.default_rng(cfg.run.seed).permutation(len(run.train_set))
     batches = [prepare_batch(run.train_set.__getitems__(np.sort(order[i * bs:(i + 1) * bs])),
                              device) for i in range(n)]
     total_steps = spec["epochs"] * (len(run.train_set) // bs)
+    lr = cfg.optim.lr if _lr_sum(cfg) is None else _lr_sum(cfg)(total_steps) / total_steps
     info = diagnostics.calibrate_prior(
-        run.regularizer, run.model, batches, lr=cfg.optim.lr, total_steps=total_steps,
+        run.regularizer, run.model, batches, lr=lr, total_steps=total_steps,
         d_target=r.calibrate_d, d_cap=r.d_cap, reduction=cfg.reduction.reg)
     m = cfg.meta
     if (r.phi_param == "free" and r.phi_init == 0 and m.phi_optimizer == "sgd"
