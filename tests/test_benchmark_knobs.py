@@ -69,16 +69,20 @@ def test_address_changes_only_when_a_knob_is_set():
     assert "knobs" not in synth_source("rhd-like", 100, 32, 0)
     assert synth_source("rhd-like", 100, 32, 0, knobs={"distractors": 1})["knobs"] == {
         "distractors": 1}
-    cfg = config.load("smoke", ["data.source.knobs.distractors=1"])
-    assert cfg.data.source.knobs.set() == {"distractors": 1}
+    cfg = config.load("smoke", ["data.knobs.rhd-like.distractors=1"])
+    assert config.knobs_of(cfg.data.source, cfg) == {"distractors": 1}
+    # per domain: a row that trains on another domain does not see rhd-like's knobs
+    assert config.knobs_of(config.DataSpec(domain="freihand-g"), cfg) == {}
 
 
 @pytest.mark.parametrize("setting, key", [
-    ("data.source.knobs.distractors=-1", "data.source.knobs.distractors"),
-    ("data.source.knobs.background=neon", "data.source.knobs.background"),
-    ("data.source.knobs.blocks=8", "data.source.knobs.blocks"),
-    ("data.target.knobs.val=[B9Random]", "data.target.knobs.val"),
-    ("data.target.knobs.val=[B1Random]", "data.target.knobs.val"),
+    ("data.knobs.rhd-like.distractors=-1", "data.knobs.rhd-like.distractors"),
+    ("data.knobs.rhd-like.background=neon", "data.knobs.rhd-like.background"),
+    ("data.knobs.rhd-like.blocks=8", "data.knobs.rhd-like.blocks"),
+    ("data.knobs.stb-like.val=[B9Random]", "data.knobs.stb-like.val"),
+    ("data.knobs.stb-like.val=[B1Random]", "data.knobs.stb-like.val"),
+    ("data.knobs.rhd-lik.distractors=1", "data.knobs.rhd-lik"),
+    ("data.knobs.rhd-like.distractor=1", "data.knobs.rhd-like.distractor"),
 ])
 def test_bad_knobs_name_their_key(setting, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

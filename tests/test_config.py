@@ -40,7 +40,7 @@ def test_experiment_file_is_a_diff_over_its_preset(tmp_path):
     cfg = config.load(str(f), ["model.student=resnet18"])
     assert cfg.optim.lr == 1e-3 and cfg.model.student == "resnet18"
     assert cfg.data.target.num == 50 and cfg.data.target.domain == "stb-like"  # defaults kept
-    assert cfg.data.source.size == 48  # from the smoke preset
+    assert cfg.data.source.size == 32  # from the smoke preset
 
 
 def _problems(*args, **kw):

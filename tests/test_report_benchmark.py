@@ -11,7 +11,7 @@ SPEC = {"table": "t", "title": "T",
         "rows": [{"label": "none"}, {"label": "null"}, {"label": "grid"}],
         "columns": [{"name": "target"}],
         "benchmark": {"ratios": {"none": ["none", "target"]},
-                      "floor": {"baseline": ["none", "target"], "null": ["null", "target"]},
+                      "floor": {"baseline": ["none", "target"], "inert": ["null", "target"]},
                       "agreement": ["grid", "target"]}}
 
 

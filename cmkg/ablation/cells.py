@@ -348,12 +348,16 @@ def _choose_one(row: Row, group: list[Cell], done: dict) -> tuple[dict, str]:
     voters = [c for c in group if c.choosing]
     fresh = bool(voters)
     voters = voters or group
-    means = {}
+    means, tests = {}, {}
     for v in values:
         cs = [c for c in voters if c.candidate == v]
         if cs and all(c.node.id in done for c in cs):
             means[value_text(v)] = (v, float(np.mean(
                 [done[c.node.id].metrics["best_val_epe_mm"] for c in cs])))
+            # recorded beside the choice, never used by it: does val rank the values as test?
+            test = [done[c.node.id].metrics.get("test", {}).get("epe_mm") for c in cs]
+            if None not in test:
+                tests[value_text(v)] = float(np.mean(test))
     if not means:
         where = f" seed {seed_text({c.seed for c in voters})}" if fresh else " seed"
         return {"value": values[0]}, f"{row.label}: no value of {key} finished on every" \
@@ -370,4 +374,5 @@ def _choose_one(row: Row, group: list[Cell], done: dict) -> tuple[dict, str]:
     else:
         note = (f"{row.label}: {key} = {value_text(best)}, chosen on the validation split (mean "
                 f"best val EPE over {seeds} seeds: {vals})")
-    return {"key": key, "value": best, "val_epe_mm": {k: m for k, (_, m) in means.items()}}, note
+    return {"key": key, "value": best, "val_epe_mm": {k: m for k, (_, m) in means.items()},
+            "test_epe_mm": tests}, note

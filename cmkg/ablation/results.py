@@ -132,6 +132,8 @@ def table_spec(ab: Ablation, preset: str | None, seeds: list[int],
         spec["choice_seeds"] = list(choice_seeds)
     if sheets:
         spec["data_sheets"] = sheets
+    if ab.benchmark:
+        spec["benchmark"] = ab.benchmark
     return spec
 
 

@@ -15,7 +15,8 @@ from cmkg.report.stats import KINDS
 from cmkg.yamlfile import is_int, is_number, mapping, number, read_mapping, unknown_keys
 
 FILE_KEYS = ("table", "title", "caption", "regenerates", "seeds", "set", "scale", "columns",
-             "rows", "baseline_row", "compare_columns", "compare", "figures", "choice_seeds")
+             "rows", "baseline_row", "compare_columns", "compare", "figures", "choice_seeds",
+             "benchmark")
 COLUMN_KEYS = ("stage", "title", "metrics", "set", "extend_epochs")
 ROW_KEYS = ("label", "set", "scale", "paper", "choose", "tuned")
 METRICS = ("epe_mm", "auc_20_50")
@@ -59,6 +60,8 @@ class Ablation:
     comparisons: list[dict]
     figures: dict = field(default_factory=dict)  # cmkg.report.figures.FIGURES entries
     choice_seeds: int | list[int] | None = None  # seeds the choices are made on (None: the report's)
+    # the cells that describe the benchmark rather than the method (cmkg.report.benchmark)
+    benchmark: dict = field(default_factory=dict)
 
     def row(self, label: str) -> Row:
         return next(r for r in self.rows if r.label == label)
@@ -86,11 +89,41 @@ def load(path: str | Path) -> Ablation:
     figures = check_figures(data.get("figures"), [r.label for r in rows], list(columns),
                             "figures", p)
     base, scale = mapping(data.get("set"), "set", p), _scale(data.get("scale"), "scale", p)
+    bench = _benchmark(data.get("benchmark"), rows, columns, p)
     if p:
         raise ConfigError(str(path), p)
     return Ablation(str(path), str(data["table"]), str(data.get("title", data["table"])),
                     str(data.get("caption", "")), str(data.get("regenerates", "")), seeds,
-                    base, scale, columns, rows, comparisons, figures, choice_seeds)
+                    base, scale, columns, rows, comparisons, figures, choice_seeds, bench)
+
+
+def _benchmark(value, rows: list[Row], columns: dict[str, Column], p: list[str]) -> dict:
+    """``benchmark: {ratios: {name: [row, column]}, floor: {baseline: [row, column], inert:
+    [row, column]}, agreement: [row, column]}`` (``inert``: a row that changes nothing): each a cell of the table."""
+    out = {}
+    bench = mapping(value, "benchmark", p)
+    unknown_keys(bench, ("ratios", "floor", "agreement"), "benchmark", p)
+    labels = {r.label: r for r in rows}
+
+    def cell(ref, key: str, choose: bool = False) -> list | None:
+        if not (isinstance(ref, list) and len(ref) == 2 and ref[0] in labels
+                and ref[1] in columns):
+            p.append(f"{key}: must be [row label, column name] of this table, got {ref!r}")
+            return None
+        if choose and labels[ref[0]].choose is None:
+            p.append(f"{key}: row {ref[0]!r} has no choose (agreement is over its values)")
+        return [str(ref[0]), str(ref[1])]
+
+    if "ratios" in bench:
+        out["ratios"] = {str(k): cell(v, f"benchmark.ratios.{k}")
+                         for k, v in mapping(bench["ratios"], "benchmark.ratios", p).items()}
+    if "floor" in bench:
+        f = mapping(bench["floor"], "benchmark.floor", p)
+        unknown_keys(f, ("baseline", "inert"), "benchmark.floor", p)
+        out["floor"] = {k: cell(f.get(k), f"benchmark.floor.{k}") for k in ("baseline", "inert")}
+    if "agreement" in bench:
+        out["agreement"] = cell(bench["agreement"], "benchmark.agreement", choose=True)
+    return out
 
 
 def _seeds(value, key: str, problems: list[str]) -> int | list[int] | None:

@@ -5,13 +5,13 @@ A table file may name the cells that describe the benchmark rather than the meth
 
     benchmark:
       ratios: {teacher: [ROW, COLUMN], RGB student: [ROW, COLUMN], ...}  # EPE / mean-pose EPE
-      floor: {baseline: [ROW, COLUMN], null: [ROW, COLUMN]}  # a regularizer that does nothing
+      floor: {baseline: [ROW, COLUMN], inert: [ROW, COLUMN]}  # a regularizer that does nothing
       agreement: [ROW, COLUMN]  # a choose row: val against test over its grid
 
 - ratio: the cell's mean test EPE over its seeds divided by the mean EPE of predicting the
   training set's mean pose (the same seeds): 1 learns nothing, 0 is perfect.
-- noise floor: the sample SD over seeds of the paired difference null - baseline, where the
-  null row changes (almost) nothing: the smallest effect a comparison of this table can see
+- noise floor: the sample SD over seeds of the paired difference inert - baseline, where the
+  inert row changes (almost) nothing: the smallest effect a comparison of this table can see
   comes from it (a paired 95 % interval's half-width is t * SD / sqrt(n)).
 - agreement: Spearman's rank correlation, over the values of a ``choose`` row, between the mean
   validation EPE and the mean test EPE of the seeds that chose (recorded with the choice, test
@@ -91,8 +91,8 @@ def properties(spec: dict, records: list[dict]) -> dict:
     if any(ratios.values()):
         out["ratios"] = {k: v for k, v in ratios.items() if v}
     if "floor" in bench and (f := floor(by_cell, bench["floor"]["baseline"],
-                                        bench["floor"]["null"])):
-        out["floor"] = {**f, "null": bench["floor"]["null"][0],
+                                        bench["floor"]["inert"])):
+        out["floor"] = {**f, "null": bench["floor"]["inert"][0],
                         "baseline": bench["floor"]["baseline"][0]}
     if "agreement" in bench and (a := agreement(by_cell, bench["agreement"])):
         out["agreement"] = {**a, "row": bench["agreement"][0]}

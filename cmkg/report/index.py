@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cmkg.console import clock
-from cmkg.report import stats
+from cmkg.report import benchmark, stats
 from cmkg.report.format import (
     comparison_label,
     interval,
@@ -86,7 +86,10 @@ def readme_markdown(tables: dict[str, tuple[dict, list[dict]]], files: dict[str,
     (tables, figures, the contact sheets present: ``sheets_present``; none, no section) and
     notes."""
     evaluated = stats.evaluate(tables)
-    out = [TITLE] + _claims(evaluated) + _run_facts(tables)
+    out = [TITLE] + _claims(evaluated)
+    if bench := benchmark.section(tables):  # tables whose file declares its benchmark cells
+        out.append("\n".join(bench) + "\n")
+    out += _run_facts(tables)
     out.append("## Tables\n")
     rows = []
     for name, (spec, records) in tables.items():
