@@ -424,4 +424,6 @@ def settle(study, results, progress) -> None:
                 trial.report(value, int(epoch))
             value = None
         study.tell(frozen.number, value, state=state)
-        progress.say(state.name, result, r.config if r is not None else {}, note="time budget")
+        # a trial stopped before it wrote a result has no config in Tune's results
+        config = (r.config or {}) if r is not None else {}
+        progress.say(state.name, result, config, note="time budget")
