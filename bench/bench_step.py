@@ -217,6 +217,7 @@ def main():
     ap.add_argument("--no-profile", action="store_true")
     args = ap.parse_args()
     started = time.perf_counter()
+    load_before = os.getloadavg()[0]
 
     variants = {
         "default": dict(),
@@ -279,8 +280,9 @@ def main():
         print(f"\ntorch.compile: compile (first 2 steps, empty Inductor cache) {compile_s:.1f} s")
     print("'of matmul': achieved GFLOP/s over the best fp32 matmul at the same thread count; "
           "'vs default': images/s over default at the same image size.")
-    print(f"spread (max/min over rounds) of default: "
-          f"{max(rates['default']) / min(rates['default']):.2f}")
+    spread = {k: max(v) / min(v) for k, v in rates.items()}
+    print(f"spread (max/min over rounds): default {spread['default']:.2f}, the largest "
+          f"{max(spread.values()):.2f} ({max(spread, key=spread.get)})")
 
     if not args.no_profile:
         p = profile_epoch()
@@ -292,7 +294,8 @@ def main():
               f"= {outside / p['train_s']:.1%} of the epoch outside forward + backward + step; "
               f"the steps inside fit {in_fit:.1f} images/s ({in_fit / med['default']:.2f} of the "
               f"bare default step); evaluations (val, train slice, test) {p['evaluate']:.1f} s")
-    print(f"\nbench wall time {time.perf_counter() - started:.0f} s")
+    print(f"\nbench wall time {time.perf_counter() - started:.0f} s; load average (1 min) "
+          f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after on {os.cpu_count()} cores")
 
 
 if __name__ == "__main__":
