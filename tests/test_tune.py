@@ -100,7 +100,8 @@ def test_trial_config_sets_the_sampled_keys_on_the_base_dict(monkeypatch):
     from_dict = config.from_dict
     monkeypatch.setattr(config, "from_dict", lambda d, s="": built.append(s) or from_dict(d, s))
     cfg = trial_config(base, {"optim.lr": 3e-3, "distill.losses": ["act"],
-                              "data.augment.num": 100, "data.augment.size": 48}, "space.yaml")
+                              "data.augment.num": 100,
+                              "data.augment.size": base["data"]["source"]["size"]}, "space.yaml")
     assert built == ["space.yaml"] and base == kept  # one from_dict; the base is not touched
     assert cfg.optim.lr == 3e-3 and cfg.distill.losses == ["act"] and cfg.data.augment.num == 100
     with pytest.raises(ConfigError, match="optim.lr.x: lr is not a config section"):

@@ -218,8 +218,11 @@ def _final_metrics(art, store, epochs: int) -> dict:
     """A published stage's figures as a trial reports them: the kept weights' best validation
     EPE and that epoch's AUC, the test metrics, the last epoch, the artifact."""
     m = art.metrics
-    # the epoch whose weights the stage keeps (best validation EPE) gives the validation AUC
-    best = min(m["history"], key=lambda h: h.get("val", {}).get("epe_mm", float("inf")))
+    # the epoch whose weights the stage keeps (optim.keep: best validation EPE, or the last)
+    # gives the validation AUC
+    kept = [h for h in m["history"] if h.get("epoch") == m.get("best_epoch") and "val" in h]
+    best = kept[0] if kept else min(m["history"], key=lambda h: h.get("val", {}).get(
+        "epe_mm", float("inf")))
     return {"val_epe_mm": m["best_val_epe_mm"],
             "val_auc_20_50": best.get("val", {}).get("auc_20_50", float("nan")),
             "test_epe_mm": m["test"]["epe_mm"], "test_auc_20_50": m["test"]["auc_20_50"],
