@@ -417,7 +417,7 @@ def _record_refs(path: Path) -> list[Reference]:
     names = pq.read_schema(path).names
     if "artifacts" not in names:
         raise ValueError("no artifacts column: not a result record file")
-    cols = [c for c in ("table", "row", "column", "seed", "stage", "key", "artifacts")
+    cols = [c for c in ("table", "row", "column", "seed", "stage", "key", "artifacts", "chosen")
             if c in names]
     out = []
     for r in pq.read_table(path, columns=cols).to_pylist():
@@ -426,6 +426,10 @@ def _record_refs(path: Path) -> list[Reference]:
         if not isinstance(chain, dict):
             raise ValueError(f"cell {what}: artifacts is not a JSON object")
         named = {(s, str(k)[:20]) for s, k in chain.items() if k}
+        # a choice made on choice seeds names the chains of the cells that chose
+        chosen = json.loads(r["chosen"]) if r.get("chosen") else {}
+        for voter in (chosen.get("artifacts") or []) if isinstance(chosen, dict) else []:
+            named |= {(s, str(k)[:20]) for s, k in voter.items() if k}
         if r.get("stage") and r.get("key"):
             named.add((r["stage"], r["key"][:20]))
         out += [Reference(str(path), s, n, what) for s, n in sorted(named)]
@@ -435,11 +439,22 @@ def _record_refs(path: Path) -> list[Reference]:
 def _best_refs(path: Path) -> list[Reference]:
     summary = yaml.safe_load(path.read_text()) or {}
     best = summary.get("best") if isinstance(summary, dict) else None
-    artifact = ((best or {}).get("metrics") or {}).get("artifact")
-    if not artifact:  # a sweep where no trial finished
-        return []
-    stage, name = str(artifact).rstrip("/").split("/")[-2:]
-    return [Reference(str(path), stage, name[:20], f"best trial of sweep {path.parent.name}")]
+    best = best or {}
+    artifacts = [(best.get("metrics") or {}).get("artifact")]
+    # a sweep over several seeds: the best trial's artifact of every seed
+    seeds = best.get("per_seed") or {}
+    seeds = seeds.values() if isinstance(seeds, dict) else seeds
+    artifacts += [p.get("artifact") for p in seeds if isinstance(p, dict)]
+    out, seen = [], set()
+    for artifact in artifacts:
+        if not artifact:  # a sweep where no trial finished
+            continue
+        stage, name = str(artifact).rstrip("/").split("/")[-2:]
+        if (stage, name[:20]) not in seen:
+            seen.add((stage, name[:20]))
+            out.append(Reference(str(path), stage, name[:20],
+                                 f"best trial of sweep {path.parent.name}"))
+    return out
 
 
 def referenced(entries: list[Entry], refs: list[Reference]) -> dict[tuple[str, str], str]:

@@ -1,5 +1,6 @@
 """The run index (cmkg.runs) over a tiny real store: a teacher and three students of 1 epoch."""
 
+import json
 import contextlib
 import dataclasses
 import os
@@ -445,3 +446,28 @@ def test_gc_refuses(referenced, tmp_path):
         runs.gc(bare)
     assert len(runs.gc(bare, dry_run=True, echo=lambda _: None)) == 1
     assert len(runs.index(bare)) == 1
+
+
+def test_references_name_every_seed_of_a_sweep_and_the_cells_that_chose(tmp_path):
+    """gc keeps what a multi-seed sweep's best trial trained on each seed (best.per_seed) and
+    the chains of the cells that made a choice on choice seeds (the records' chosen column)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import yaml
+
+    best = tmp_path / "sweep" / "best.yaml"
+    best.parent.mkdir()
+    best.write_text(yaml.safe_dump({"best": {
+        "metrics": {"artifact": "/s/target/" + "a" * 20},
+        "per_seed": [{"seed": 0, "artifact": "/s/target/" + "a" * 20},
+                     {"seed": 1, "artifact": "/s/target/" + "b" * 20}]}}))
+    assert {(r.stage, r.name) for r in runs._best_refs(best)} == {
+        ("target", "a" * 20), ("target", "b" * 20)}
+    rec = tmp_path / "table2.parquet"
+    chosen = {"by": "choose", "artifacts": [{"target": "c" * 20, "student": "d" * 20}]}
+    pq.write_table(pa.Table.from_pylist([{
+        "table": "table2", "row": "l2", "column": "target", "seed": 5, "stage": "target",
+        "key": "e" * 64, "artifacts": json.dumps({"target": "e" * 64}),
+        "chosen": json.dumps(chosen)}]), rec)
+    assert {(r.stage, r.name) for r in runs._record_refs(rec)} == {
+        ("target", "e" * 20), ("target", "c" * 20), ("student", "d" * 20)}
