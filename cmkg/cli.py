@@ -10,6 +10,7 @@
     cmkg ablate ABLATION.yaml... [CONFIG] [RESOURCES] [--seeds N] [--choice-seeds K] [--dry-run]
                 [--report DIR] [--force]
     cmkg reproduce [same options]             # ablations/table{1,2,3}.yaml, then the report
+    cmkg phi [CONFIG] [RESOURCES] [--seeds N] [--permutations K] [--report DIR] [--force]
     cmkg report [--report DIR] [--results DIR]    # tables and figures from the records only
     cmkg report tune SWEEP_DIR [--storage URL] [--report DIR]   # a sweep's summary from its study
     cmkg runs ls [--store DIR] [--stage S] [--where KEY=VALUE ...] [--seed N]
@@ -104,7 +105,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_parsers(sub)
     _add_training_parsers(sub)
     _add_result_parsers(sub)
+    _add_phi_parser(sub)
     return parser
+
+
+def _add_phi_parser(sub) -> None:
+    phi = sub.add_parser("phi", help="diagnostics of phi_META that can detect per-weight "
+                         "signal: split-half reliability, a teacher-free control, phi against "
+                         "|theta|, its change and the Fisher diagonal (docs/phi-diagnostics.md)")
+    _add_config_args(phi)
+    _add_resource_args(phi, cpus_default=1)
+    phi.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
+    phi.add_argument("--permutations", type=int, default=100, metavar="K",
+                     help="permutations of each comparison's null (default 100)")
+    phi.add_argument("--report", help="report folder (default: {store}/reports/{preset}); "
+                     "phi.md, phi.csv and results/phi.json go there")
+    phi.add_argument("--force", action="store_true",
+                     help="replace phi records of another preset or other seeds")
 
 
 def _add_data_parsers(sub) -> None:
@@ -414,6 +431,18 @@ def _default_report(config_name: str | None, overrides: list[str]) -> str:
     return str(store.root / "reports" / (ablation.preset_of(config_name) or "custom"))
 
 
+def _cmd_phi(args) -> int:
+    from cmkg.ablation.phi import run
+
+    _check_resources(args)
+    overrides = _overrides(args)
+    return run(args.config, overrides, seeds=args.seeds,
+               report_dir=args.report or _default_report(args.config, overrides),
+               force=args.force, permutations=args.permutations, address=args.address,
+               cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
+               workers=args.workers)
+
+
 def _cmd_report(args) -> int:
     if args.mode == "tune":
         from cmkg.cluster.tune_results import report_tune
@@ -532,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"data": _cmd_data, "train": _cmd_train, "tune": _cmd_tune,
                 "ablate": _cmd_ablate, "reproduce": _cmd_ablate, "report": _cmd_report,
-                "runs": _cmd_runs, "eval-predictions": _cmd_eval,
+                "runs": _cmd_runs, "eval-predictions": _cmd_eval, "phi": _cmd_phi,
                 "figure": _cmd_figure, "config": _cmd_config_show}
     try:
         return _tracked(handlers[args.command], args)

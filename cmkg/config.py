@@ -27,6 +27,7 @@ from cmkg.yamlfile import assignment, read_mapping, unknown_keys
 PRESET_DIR = Path(__file__).parent / "presets"
 PRESETS = ("smoke", "cpu", "paper")
 SCHEDULES = ("constant", "cosine")  # optim.schedule
+SUBSETS = ("all", "half0", "half1")  # meta.subset
 KEEP = ("best_val", "final")  # optim.keep
 SIGNS = ("learned", "positive")  # regularizer.sign
 PHI_CONTROLS = ("none", "permuted", "uniform", "other_seed")  # regularizer.phi_control
@@ -140,6 +141,11 @@ class MetaConfig:
     beta: float = 1.0e-3  # phi learning rate (SGD, Sect. 5.1)
     phi_optimizer: str = "sgd"  # sgd (paper) | adam
     first_order: bool = False  # drop the Hessian-vector terms of steps i >= 1
+    # diagnostics of phi (docs/phi-diagnostics.md); each enters the meta stage's key only where
+    # it differs from its default, so the keys of Algorithm 1 as the paper runs it stay
+    teacher: bool = True  # G = L_REG + L_ACT + lambda L_ATT; false: G = L_REG (no teacher at all)
+    order_seed: int | None = None  # seed of the meta stage's data order; null = run.seed
+    subset: str = "all"  # all | half0 | half1: one of two fixed disjoint halves of its train split
 
 
 @dataclass
@@ -378,6 +384,10 @@ def validate(cfg: Config) -> list[str]:
     check(m.alpha > 0, "meta.alpha", f"must be > 0, got {m.alpha}")
     check(m.beta >= 0, "meta.beta", f"must be >= 0, got {m.beta}")
     check(m.phi_optimizer in ("sgd", "adam"), "meta.phi_optimizer", "must be sgd or adam")
+    check(m.order_seed is None or m.order_seed >= 0, "meta.order_seed",
+          f"must be null or >= 0, got {m.order_seed}")
+    check(m.subset in SUBSETS, "meta.subset",
+          f"must be one of {', '.join(SUBSETS)}, got {m.subset!r}")
     for role in ("teacher", "student"):
         path = getattr(cfg.inputs, role)
         if path is not None and not is_uri(path):

@@ -8,6 +8,10 @@ G = L_REG + L_DIST (Eq. 8):
     2. phi_{k+1} = phi_k - beta * grad_phi G(theta_l''(phi_k))                   (M-step)
     3. theta_{k+1} = theta_k - alpha * grad G(theta_k)   (Adam, as in Sect. 5.1)
 
+The teacher-free control (``meta.teacher=false``, docs/phi-diagnostics.md) runs the same three
+steps with G = L_REG: no teacher, no adapter, no depth; whether phi then differs from the full
+phi tells whether the teacher's terms put anything into it.
+
 Implementation notes:
 - The unrolled steps run on the bare module through ``torch.func.functional_call`` with
   ``torch.autograd.grad``; an optimizer's in-place ``step()`` would cut the path to phi.
@@ -84,23 +88,26 @@ def unroll(model: nn.Module, reg: Regularizer, theta0: Params, buffers: Params, 
     return theta
 
 
-def objective_g(student: nn.Module, adapter: nn.Module, params: Params, buffers: Params,
-                x: Tensor, y: Tensor, teacher_acts: list[Tensor], *, losses: list[str],
-                lambda_att: float, att_layers: list[int],
+def objective_g(student: nn.Module, adapter: nn.Module | None, params: Params,
+                buffers: Params, x: Tensor, y: Tensor, teacher_acts: list[Tensor] | None, *,
+                losses: list[str], lambda_att: float, att_layers: list[int],
                 reduction: Mapping[str, str] | None = None) -> dict[str, Tensor]:
-    """G = L_REG + L_DIST of the student at ``params`` against fixed teacher activations."""
+    """G = L_REG + L_DIST of the student at ``params`` against fixed teacher activations;
+    ``teacher_acts`` None (the teacher-free control, ``meta.teacher=false``): G = L_REG."""
     red = reductions(reduction)
     pred, acts = functional_call(student, {**params, **buffers}, (x,))
     picks = [i - 1 for i in att_layers]
     reg = regression_loss(pred, y, red["reg"])
+    if teacher_acts is None:
+        return {"G": reg, "reg": reg}
     parts = distillation_loss(adapter(acts[-1]), teacher_acts[-1], [acts[i] for i in picks],
                               [teacher_acts[i] for i in picks], lambda_att=lambda_att,
                               use_act="act" in losses, use_att="att" in losses, reduction=red)
     return {"G": reg + parts["dist"], "reg": reg, **parts}
 
 
-def meta_gradient(student: nn.Module, adapter: nn.Module, reg: Regularizer, batch: dict,
-                  teacher_acts: list[Tensor], *, alpha: float, steps: int, first_order: bool,
+def meta_gradient(student: nn.Module, adapter: nn.Module | None, reg: Regularizer, batch: dict,
+                  teacher_acts: list[Tensor] | None, *, alpha: float, steps: int, first_order: bool,
                   losses: list[str], lambda_att: float, att_layers: list[int],
                   grad0: Params | None = None, reduce: Reduce = _local,
                   reduction: Mapping[str, str] | None = None) -> tuple[list[Tensor], Tensor]:
@@ -118,7 +125,7 @@ def meta_gradient(student: nn.Module, adapter: nn.Module, reg: Regularizer, batc
     return reduce(list(torch.autograd.grad(g, list(reg.raw))), False), g.detach()
 
 
-def meta_iteration(student: nn.Module, adapter: nn.Module, teacher: nn.Module,
+def meta_iteration(student: nn.Module, adapter: nn.Module | None, teacher: nn.Module | None,
                    reg: Regularizer, batch: dict, theta_opt: torch.optim.Optimizer,
                    phi_opt: torch.optim.Optimizer, *, alpha: float, steps: int,
                    first_order: bool, losses: list[str], lambda_att: float,
@@ -129,22 +136,29 @@ def meta_iteration(student: nn.Module, adapter: nn.Module, teacher: nn.Module,
     (``theta_opt``, Adam) in place; returns the named parts for the logs.
 
     Data-parallel: pass ``reduce=cmkg.parallel.mean_across``; every gradient that feeds an update
-    (inner grad L_REG, the phi meta-gradient, grad G(theta_k)) is then the global-batch mean."""
+    (inner grad L_REG, the phi meta-gradient, grad G(theta_k)) is then the global-batch mean.
+
+    ``teacher`` None (``meta.teacher=false``, the control of docs/phi-diagnostics.md): G = L_REG
+    in steps 2 and 3, no teacher forward, no adapter; the batch's depth is never read."""
     x, y = batch["rgb"], batch["target"]
-    with torch.no_grad():
-        _, t_acts = teacher(batch["depth"])  # serves steps 2 and 3
+    t_acts = None
+    if teacher is not None:
+        with torch.no_grad():
+            _, t_acts = teacher(batch["depth"])  # serves steps 2 and 3
 
     # -- the student at theta_k: one forward for steps 1 and 3 -------------------------------
     params = dict(student.named_parameters())
-    side = [p for p in adapter.parameters() if p.requires_grad]
+    side = [] if adapter is None else [p for p in adapter.parameters() if p.requires_grad]
     g_k = objective_g(student, adapter, params, {}, x, y, t_acts, losses=losses,
                       lambda_att=lambda_att, att_layers=att_layers, reduction=reduction)
     grad_reg = reduce(list(torch.autograd.grad(g_k["reg"], list(params.values()),
-                                               retain_graph=True)), False)
-    grad_dist = torch.autograd.grad(g_k["dist"], [*params.values(), *side], allow_unused=True)
+                                               retain_graph=t_acts is not None)), False)
+    grad_dist = [None] * (len(params) + len(side))
+    if t_acts is not None:
+        grad_dist = list(torch.autograd.grad(g_k["dist"], [*params.values(), *side],
+                                             allow_unused=True))
     present = [i for i, g in enumerate(grad_dist) if g is not None]
-    reduced = reduce([grad_dist[i] for i in present], False)
-    grad_dist = list(grad_dist)
+    reduced = reduce([grad_dist[i] for i in present], False) if present else []
     for i, g in zip(present, reduced):
         grad_dist[i] = g
 

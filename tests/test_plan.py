@@ -89,6 +89,7 @@ def test_every_config_field_is_hashed_or_declared_result_neutral(tmp_path):
                 continue
             new = {"run.cache": "/elsewhere", "run.tracking.uri": "http://elsewhere:5000",
                    "regularizer.phi_clip": [-1.0, 1.0],
+                   "meta.order_seed": 7,
                    "data.source.path": str(folder), "data.target.path": str(folder)}.get(key, _perturbed(value))
             if key.endswith(".domain"):
                 new = "freihand-g"

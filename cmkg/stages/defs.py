@@ -58,7 +58,10 @@ def depends(stage: str, cfg: Config) -> tuple[str, ...]:
     """Upstream stages of ``stage`` under ``cfg``."""
     d = DEFS[stage]
     weighted = d.prior and cfg.regularizer.form in WEIGHTED
-    return d.inputs + (("meta",) if weighted else ())
+    inputs = d.inputs
+    if d.learns_prior and not cfg.meta.teacher:  # G = L_REG: the teacher-free meta control
+        inputs = tuple(i for i in inputs if i != "teacher")
+    return inputs + (("meta",) if weighted else ())
 
 
 def stage_datasets(stage: str, cfg: Config) -> list[DataSpec]:

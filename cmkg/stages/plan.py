@@ -53,10 +53,11 @@ def stage_spec(stage: str, cfg: Config, inputs: dict[str, str]) -> dict:
             "epochs": getattr(cfg.epochs, stage), "eval_every": cfg.run.eval_every,
             "seed": cfg.run.seed, "inputs": inputs}
     r = cfg.regularizer
-    if d.paired:
+    teacher = d.paired and (not d.learns_prior or cfg.meta.teacher)  # uses the teacher's terms
+    if teacher:
         spec["distill"] = asdict(cfg.distill)
     if d.learns_prior:
-        spec["meta"] = asdict(cfg.meta)
+        spec["meta"] = _meta(cfg)
         spec["regularizer"] = {"form": r.form, "params": r.params, "phi_param": r.phi_param,
                                "phi_init": r.phi_init, "phi_clip": r.phi_clip}
     if d.prior:
@@ -70,7 +71,7 @@ def stage_spec(stage: str, cfg: Config, inputs: dict[str, str]) -> dict:
     # the loss reductions of the terms a stage uses enter its key only where they differ from
     # the defaults: the defaults are the behaviour from before reductions were a choice, so the
     # keys (and cached artifacts) of default runs stay what they were
-    terms = ("reg", "act", "att") if d.paired else ("reg",)
+    terms = ("reg", "act", "att") if teacher else ("reg",)
     reduction = {t: getattr(cfg.reduction, t) for t in terms}
     if any(reduction[t] != DEFAULT_REDUCTION[t] for t in terms):
         spec["reduction"] = reduction
@@ -85,6 +86,19 @@ OPTIM_SINCE = {"schedule": "constant", "keep": "best_val"}
 def _optim(cfg: Config) -> dict:
     return {k: v for k, v in asdict(cfg.optim).items()
             if k not in OPTIM_SINCE or v != OPTIM_SINCE[k]}
+
+
+# meta entries added after keys existed (the phi diagnostics' variants): in the meta stage's
+# key only where they differ from these defaults, so Algorithm 1 as the paper runs it keeps its
+# keys. meta.order_seed equal to run.seed is the default order, and hashed as the default.
+META_SINCE = {"teacher": True, "order_seed": None, "subset": "all"}
+
+
+def _meta(cfg: Config) -> dict:
+    m = asdict(cfg.meta)
+    if m["order_seed"] == cfg.run.seed:
+        m["order_seed"] = None
+    return {k: v for k, v in m.items() if k not in META_SINCE or v != META_SINCE[k]}
 
 
 def _applied_prior(cfg: Config) -> dict:

@@ -31,7 +31,7 @@ from cmkg.metrics import denormalise, pose_metrics
 from cmkg.parallel import broadcast_module
 from cmkg.regularizers import Regularizer
 from cmkg.stages.artifacts import Artifact, Store, code_version, writer_lock
-from cmkg.stages.build import StageRun, build_stage, make_loaders
+from cmkg.stages.build import StageRun, build_stage, make_loaders, order_seed
 from cmkg.stages.defs import DEFS
 from cmkg.stages.plan import Node, plan
 from cmkg.train import FitState, cosine_schedule, evaluate, fit
@@ -120,7 +120,7 @@ def train_node(node: Node, upstream: dict[str, Artifact], store: Store, *,
     run = build_stage(stage, cfg, spec, upstream, device, wrap=None if learns_prior else wrap)
     if learns_prior:  # no DDP for Algorithm 1: start every worker from rank 0's weights
         broadcast_module(run.trainable)
-    gen = torch.Generator().manual_seed(cfg.run.seed)
+    gen = torch.Generator().manual_seed(order_seed(stage, cfg))  # run.seed, or meta.order_seed
     train_loader, val_loader, test_loader = make_loaders(run, cfg, device, gen)
     if prepare_loader is not None:
         train_loader = prepare_loader(train_loader)
