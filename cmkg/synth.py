@@ -65,8 +65,11 @@ class Sequences:
     centres, ``size_*``, ``skin_*`` and ``focal`` draw the subject and camera, the appearance
     fields apply as for an i.i.d. domain; ``pose_spread`` and ``back_prob`` are not used.
 
-    Measured at the cpu preset (1,500 samples at 48 px, resnet10, 8 target epochs): train / val
-    / test EPE 7.9 / 27.3 / 44.7 mm without a regularizer (run seed 0; mean pose 53.2 on test),
+    With ``blocks: 30`` (``variant``; the cpu preset's second version: 60 sequences of 50
+    frames, val B29 + B30) the regularizer-free student reaches 27.3 mm on test against a mean
+    pose of 49.8 (5 run seeds, train 5.2; docs/benchmark.md). Measured at the first version of
+    the cpu preset (these 12 sequences, 1,500 samples at 48 px, resnet10, 8 target epochs):
+    train / val / test EPE 7.9 / 27.3 / 44.7 mm without a regularizer (run seed 0; mean pose 53.2 on test),
     and over 5 run seeds a constant l2 with sigma chosen on val (1e-2) - none on test is
     -1.12 mm, paired 95 % interval [-2.04, -0.20] (reports/table2.md; unadjusted, chosen and
     reported on the same seeds): a large generalization gap, but the paired floor between none
