@@ -361,3 +361,23 @@ def test_shipped_table2_at_smoke_one_seed_completes_and_renders(tmp_path):
     chosen = [r for r in recs if r["row"] == "weighted l2 (calibrated)"][0]["extra"]
     assert chosen["chosen"]["key"] == "regularizer.calibrate_d"
     assert len(chosen["chosen"]["val_epe_mm"]) == 4 and "calibration" in chosen
+
+
+def test_the_runner_trains_every_stage_after_its_inputs_across_seeds():
+    """The other-seed control reads another seed's meta stage: ordering the stages to train by
+    seed alone put that target before its input (it failed with "its input meta has not been
+    trained" when the executor submitted it first); upstream_first restores the order."""
+    from cmkg.ablation.cells import union
+    from cmkg.ablation.runner import upstream_first
+
+    ab = ablation.load(ROOT / "ablations" / "table2.yaml")
+    cells = ablation.expand(ab, "smoke", [], seeds=1, choice_seeds=0)
+
+    def late(order):
+        pos = {n.id: i for i, n in enumerate(order)}
+        return [n for n in order if any(i in pos and pos[i] > pos[n.id] for i in n.inputs.items())]
+
+    by_seed = sorted(union(cells), key=lambda n: n.cfg.run.seed)
+    assert late(by_seed)  # the failure this guards against
+    ordered = upstream_first(by_seed)
+    assert not late(ordered) and {n.id for n in ordered} == {n.id for n in by_seed}
