@@ -557,29 +557,6 @@ def _cmd_config_show(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    handlers = {"data": _cmd_data, "train": _cmd_train, "tune": _cmd_tune,
-                "ablate": _cmd_ablate, "reproduce": _cmd_ablate, "report": _cmd_report,
-                "runs": _cmd_runs, "eval-predictions": _cmd_eval, "phi": _cmd_phi,
-                "figure": _cmd_figure, "config": _cmd_config_show}
-    try:
-        return _tracked(handlers[args.command], args)
-    except Exception as e:  # a UserError: raised here, in a Ray task or in a Ray Train worker
-        from cmkg.errors import unwrap_user_error
-
-        err = unwrap_user_error(e)
-        if err is None:
-            raise  # a crash keeps its traceback (and exit status 1)
-        print(f"cmkg: error: {err}", file=sys.stderr)
-        return err.exit_code
-    except KeyboardInterrupt:
-        print("cmkg: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
 TRACKED = ("train", "ablate", "reproduce", "tune")  # commands with a parent run (run.tracking)
 
 
@@ -606,3 +583,26 @@ def _tracked(handler, args) -> int:
         return status
 
 
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"data": _cmd_data, "train": _cmd_train, "tune": _cmd_tune,
+                "ablate": _cmd_ablate, "reproduce": _cmd_ablate, "report": _cmd_report,
+                "runs": _cmd_runs, "eval-predictions": _cmd_eval, "phi": _cmd_phi,
+                "figure": _cmd_figure, "config": _cmd_config_show}
+    try:
+        return _tracked(handlers[args.command], args)
+    except Exception as e:  # a UserError: raised here, in a Ray task or in a Ray Train worker
+        from cmkg.errors import unwrap_user_error
+
+        err = unwrap_user_error(e)
+        if err is None:
+            raise  # a crash keeps its traceback (and exit status 1)
+        print(f"cmkg: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("cmkg: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

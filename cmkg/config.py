@@ -34,6 +34,31 @@ PHI_CONTROLS = ("none", "permuted", "uniform", "other_seed")  # regularizer.phi_
 
 
 @dataclass
+class DomainKnobs:
+    """What a preset changes of a named synthetic domain (``data.knobs.DOMAIN``, see
+    ``cmkg.synth.variant``); null = the domain's own value. Set ones enter the dataset's content
+    address (and so the stage keys); a domain with none set has the address it had before
+    knobs existed."""
+
+    azimuth: float | None = None  # viewpoint half-ranges (deg)
+    elevation: float | None = None
+    roll: float | None = None
+    background: str | None = None  # clutter | indoor | green | photo
+    bg_texture: float | None = None  # contrast of the background's texture
+    distractors: int | None = None  # at most this many distractor shapes per image
+    skin_like_distractors: float | None = None  # probability a distractor is skin-coloured
+    occluder_prob: float | None = None  # probability a distractor is in front of the hand
+    rgb_noise: float | None = None
+    skin_texture: float | None = None
+    blocks: int | None = None  # sequence domains: blocks B1..Bn of a Counting + a Random sequence
+    val: list[str] | None = None  # sequence domains: the validation sequences
+
+    def set(self) -> dict:
+        """The knobs that are set, as ``synth.variant`` takes them."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass
 class DataSpec:
     """One dataset: a synthetic domain rendered on demand, or a shard folder (``path``)."""
 
@@ -50,6 +75,9 @@ class DataConfig:
     target: DataSpec = field(default_factory=lambda: DataSpec(domain="stb-like", num=18000,
                                                               seed=1))
     augment: DataSpec | None = None  # extra paired synthetic set "A" of Table 1
+    # per synthetic domain, what this config changes of it (cmkg.synth.variant): it applies to
+    # every dataset of that domain (source, target, augment), whichever the rows choose
+    knobs: dict[str, DomainKnobs] = field(default_factory=dict)
     split: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])  # train/val/test
     root: str = "data"  # where synthetic datasets are cached, content-addressed
 
@@ -195,6 +223,38 @@ class Config:
         return asdict(self)
 
 
+def knobs_of(spec: DataSpec, cfg: Config) -> dict:
+    """The knobs set for the domain of a synthetic dataset spec ({} for none)."""
+    k = cfg.data.knobs.get(spec.domain)
+    return k.set() if k is not None else {}
+
+
+def _check_knobs(domain: str, k: DomainKnobs, key: str, check) -> None:
+    from cmkg import synth  # the renderer's tables; a function-level import keeps config light
+
+    for name in ("azimuth", "elevation", "roll"):
+        v = getattr(k, name)
+        check(v is None or 0 <= v <= 180, f"{key}.{name}", f"must be in [0, 180] deg, got {v}")
+    for name in ("bg_texture", "skin_like_distractors", "occluder_prob", "rgb_noise",
+                 "skin_texture"):
+        v = getattr(k, name)
+        check(v is None or 0 <= v <= 1, f"{key}.{name}", f"must be in [0, 1], got {v}")
+    check(k.distractors is None or 0 <= k.distractors <= 16, f"{key}.distractors",
+          f"must be in [0, 16], got {k.distractors}")
+    check(k.background is None or k.background in synth.BACKGROUNDS, f"{key}.background",
+          f"must be one of {', '.join(synth.BACKGROUNDS)}, got {k.background!r}")
+    check(k.blocks is None or 2 <= k.blocks <= 99, f"{key}.blocks",
+          f"must be in [2, 99], got {k.blocks}")
+    seq = [n for n in ("blocks", "val") if getattr(k, n) is not None]
+    if seq and synth.DOMAINS[domain].sequences is None:
+        check(False, f"{key}.{seq[0]}", f"only a sequence domain has it ({domain} is i.i.d.)")
+    elif seq:
+        try:
+            synth.variant(domain, k.set())
+        except KeyError as e:
+            check(False, f"{key}.val", e.args[0])
+
+
 def _check_tracking(t: TrackingConfig, check) -> None:
     from cmkg import tracking  # no mlflow/tensorboard import: only whether they are installed
 
@@ -236,6 +296,17 @@ def _coerce(value, tp, key: str, problems: list[str], base=None):
             problems.append(f"{key}: expected a mapping, got {value!r}")
             return _INVALID
         return _build(base if base is not None else tp(), value, key, problems)
+    if origin is dict:  # str -> dataclass: each entry updates the entry already there
+        _, item = typing.get_args(tp)
+        if not isinstance(value, dict):
+            problems.append(f"{key}: expected a mapping, got {value!r}")
+            return _INVALID
+        out = dict(base or {})
+        for k, v in value.items():
+            got = _coerce(v, item, f"{key}.{k}", problems, out.get(k))
+            if got is not _INVALID:
+                out[str(k)] = got
+        return out
     if origin is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -311,6 +382,11 @@ def validate(cfg: Config) -> list[str]:
             check(spec.num >= 10, f"{name}.num", f"must be >= 10, got {spec.num}")
             check(16 <= spec.size <= 1024, f"{name}.size", f"must be in [16, 1024], got {spec.size}")
             check(spec.seed >= 0, f"{name}.seed", f"must be >= 0, got {spec.seed}")
+    for domain, knobs in cfg.data.knobs.items():
+        check(domain in DOMAINS, f"data.knobs.{domain}",
+              f"{domain!r} is not a synthetic domain ({', '.join(DOMAINS)})")
+        if domain in DOMAINS:
+            _check_knobs(domain, knobs, f"data.knobs.{domain}", check)
     aug, src = cfg.data.augment, cfg.data.source
     if aug is not None and aug.path is None and src.path is None:
         check(aug.size == src.size, "data.augment.size",

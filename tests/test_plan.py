@@ -70,7 +70,7 @@ def test_every_config_field_is_hashed_or_declared_result_neutral(tmp_path):
     a cached artifact can never be reused for a config that would train differently."""
     bases = [config.load("smoke", [f"data.root={tmp_path}", "regularizer.form=weighted_l2"]),
              config.load("smoke", [f"data.root={tmp_path}", "regularizer.form=l2",
-                                   "data.augment={domain: augment, num: 100, size: 48}"]),
+                                   "data.augment={domain: augment, num: 100, size: 32}"]),
              # d_cap acts (and is hashed) only with a calibrated prior
              config.load("smoke", [f"data.root={tmp_path}", "regularizer.form=weighted_l2",
                                    "regularizer.calibrate_d=1.0"]),
@@ -90,6 +90,8 @@ def test_every_config_field_is_hashed_or_declared_result_neutral(tmp_path):
             new = {"run.cache": "/elsewhere", "run.tracking.uri": "http://elsewhere:5000",
                    "regularizer.phi_clip": [-1.0, 1.0],
                    "meta.order_seed": 7,
+                   "data.knobs": {"rhd-like": config.DomainKnobs(distractors=3),
+                                  "stb-like": config.DomainKnobs(blocks=8)},
                    "data.source.path": str(folder), "data.target.path": str(folder)}.get(key, _perturbed(value))
             if key.endswith(".domain"):
                 new = "freihand-g"

@@ -1,8 +1,8 @@
 """The run index (cmkg.runs) over a tiny real store: a teacher and three students of 1 epoch."""
 
-import json
 import contextlib
 import dataclasses
+import json
 import os
 import shutil
 import subprocess

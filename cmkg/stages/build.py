@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from cmkg import diagnostics, models, parallel, regularizers, storage
-from cmkg.config import Config, DataSpec, digest
+from cmkg.config import Config, DataSpec, digest, knobs_of
 from cmkg.console import say
 from cmkg.data import HandDataset, identity_collate, synth_source, synthesize
 from cmkg.data.dataset import prepare_batch
@@ -36,7 +36,7 @@ def ensure_dataset(spec: DataSpec, cfg: Config) -> Path:
                               "manifest.json")
     if spec.path is not None:
         return Path(spec.path)
-    knobs = spec.knobs.set()
+    knobs = knobs_of(spec, cfg)
     source = synth_source(spec.domain, spec.num, spec.size, spec.seed, tuple(cfg.data.split),
                           knobs)
     name = f"{spec.domain}-{spec.size}px-n{spec.num}-seed{spec.seed}-{digest(source)[:10]}"

@@ -15,7 +15,7 @@ import json
 from dataclasses import asdict, dataclass, replace
 
 from cmkg import storage
-from cmkg.config import Config, DataSpec, digest
+from cmkg.config import Config, DataSpec, digest, knobs_of
 from cmkg.data import read_manifest, synth_source
 from cmkg.errors import DataError, UserError
 from cmkg.losses import DEFAULT_REDUCTION
@@ -39,7 +39,8 @@ def dataset_identity(spec: DataSpec, cfg: Config) -> dict:
         return {"fingerprint": manifest["fingerprint"]}
     if spec.path is not None:
         return {"fingerprint": read_manifest(spec.path)["fingerprint"]}
-    return synth_source(spec.domain, spec.num, spec.size, spec.seed, tuple(cfg.data.split))
+    return synth_source(spec.domain, spec.num, spec.size, spec.seed, tuple(cfg.data.split),
+                        knobs_of(spec, cfg))
 
 
 def stage_spec(stage: str, cfg: Config, inputs: dict[str, str]) -> dict:
