@@ -42,21 +42,34 @@ def test_shipped_files_load_and_expand(tmp_path):
     assert len(cells["table1"]) == 4 * 4 * 3
     assert _stages(ablation.union(cells["table1"])) == {
         "teacher": 9, "student": 18, "kd": 12}  # base, +A, bigger: teacher, student, long
-    # the paper's 7 rows (one of them twice: paper beta and calibrated), l2 with sigma chosen on
-    # val from 6 values, two calibrated rows choosing from 4 strengths each
-    assert len(cells["table2"]) == (7 + 6 + 4 + 4) * 3
-    assert _stages(ablation.union(cells["table2"])) == {  # sigma 1e-5, 1e-3: paper rows' targets
-        "teacher": 3, "student": 3, "meta": 9, "target": 19 * 3}
+    # Table 2 chooses on seeds 0-4 (choice_seeds: 5) and reports on the 3 seeds after them.
+    # 17 rows: 8 plain (none, l1 x 2, l2 x 2, l2 1e-6, weighted l1, weighted l2 at the paper's
+    # beta); 5 choose rows over 6 + 4 + 4 + 8 + 8 = 30 values (l2's sigma, the two calibrated
+    # rows' D*, the learned prior's strength as learned and with phi >= 0), each value on the
+    # 5 choice seeds; 4 controls following the strength row's choice (8 values, report seeds
+    # only). The dry expansion lists every value on the report seeds (the runner trains only
+    # the chosen one there).
+    assert len(cells["table2"]) == 30 * 5 + (8 + 30 + 4 * 8) * 3
+    assert {c.seed for c in cells["table2"] if c.choosing} == {0, 1, 2, 3, 4}
+    assert {c.seed for c in cells["table2"] if not c.choosing} == {5, 6, 7}
+    # per seed one teacher and student; phi: free weighted l2 on every seed, softplus on every
+    # seed (a choose row), weighted l1 and the teacher-free meta on the report seeds only;
+    # sigma 1e-5 and 1e-3 are the paper rows' targets on the report seeds
+    assert _stages(ablation.union(cells["table2"])) == {
+        "teacher": 8, "student": 8, "meta": 8 + 8 + 3 + 3, "target": 360 - 2 * 3}
     assert len(cells["table3"]) == 5 * 3 * 3
     assert _stages(ablation.union(cells["table3"])) == {
         "teacher": 3, "student": 3, "meta": 3, "target": 45}
     every = ablation.union([c for cs in cells.values() for c in cs])
-    # Table 2's teacher and student are Table 1's row-2 ones; Table 3's stb row is Table 2's
-    assert _stages(every) == {"teacher": 9, "student": 18, "kd": 12, "meta": 9,
-                              "target": 19 * 3 + 36}
-    # one seed reseeds the whole chain: a weighted target's phi comes from its own seed
+    # Tables 2 and 3 train on Table 1's row-2 teacher and student where seeds meet (0-2); Table
+    # 3's stb row meets Table 2's choosing l2 sigma 1e-5 cells on seeds 0-2
+    assert _stages(every) == {"teacher": 9 + 8 - 3, "student": 18 + 8 - 3, "kd": 12,
+                              "meta": 22, "target": 354 + 45 - 3}
+    # one seed reseeds the whole chain: a weighted target's phi comes from its own seed, but
+    # for the other-seed control, whose phi is another seed's
     for c in cells["table2"]:
-        assert all(n.cfg.run.seed == c.seed for n in c.nodes)
+        other = c.cfg.regularizer.phi_control == "other_seed"
+        assert all(n.cfg.run.seed == c.seed for n in c.nodes) != other, c.row
     # the bigger-backbone row says what it ran instead at cpu
     spec = ablation.table_spec(ablation.load(ABLATIONS[0]), "cpu", [0, 1, 2])
     assert any("resnet18 as the bigger backbone" in n for n in spec["notes"])
@@ -331,19 +344,23 @@ def test_workers_run_each_stage_under_ray_train(tmp_path):
 @pytest.mark.slow
 @pytest.mark.ray
 def test_shipped_table2_at_smoke_one_seed_completes_and_renders(tmp_path):
-    """The shipped Table 2 file, smoke preset shrunk further, 1 seed: every row done, the
-    table, Figures 4 (right) and 5 rendered, the seven weighted/constant rows share one teacher,
-    one student and one phi per weighted form."""
+    """The shipped Table 2 file, smoke preset shrunk further, 1 seed that also chooses: every
+    row done, the table, Figures 4 (right) and 5 rendered, the rows share one teacher, one
+    student and one phi per weighted form."""
     store, rep = tmp_path / "runs", tmp_path / "rep"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     done = subprocess.run(
         [sys.executable, "-c", _RUN, "ablate", str(ROOT / "ablations" / "table2.yaml"),
-         "--config", "smoke", "--seeds", "1", "--store", str(store), "--report", str(rep),
+         "--config", "smoke", "--seeds", "1", "--choice-seeds", "0", "--store", str(store),
+         "--report", str(rep),
          "--set", f"data.root={tmp_path / 'data'}", *sum((["--set", s] for s in TINY), [])],
         capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    # 21 cells (the choose rows: a cell per value); 1 teacher, 1 student, 3 phi, 19 targets
-    assert "21 cells: 0 done, 21 to run; 24 stages: 0 cached, 24 to train" in done.stderr
+    # 70 cells: 8 plain rows, the 5 choose rows' 30 values and the 4 controls following the
+    # strength row (8 values each, all run without choice seeds); seed 0's teacher, student and
+    # 4 phi (free, softplus, l1, teacher-free), seed 1's chain for the other-seed control's phi;
+    # 68 targets (sigma 1e-5 and 1e-3 shared by the paper's rows and the chosen l2)
+    assert "70 cells: 0 done, 70 to run; 77 stages: 0 cached, 77 to train" in done.stderr
     from cmkg.report import load_records
 
     spec, recs = load_records(rep / "results")["table2"]
