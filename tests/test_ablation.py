@@ -83,7 +83,9 @@ def test_comparisons_and_paper_deltas():
     assert by[(paper_beta, ("l2 σ=1e-5", "target"), "epe_mm")] == pytest.approx(-3.84)
     calibrated = ("weighted l2 (calibrated)", "target")
     assert by[(calibrated, ("l2 (σ chosen on val, ours)", "target"), "epe_mm")] is None
-    assert len(ab.comparisons) == 9 * 2 + 4 * 2  # 9 rows vs none; 4 pairs
+    # the 16 other rows vs none; 10 pairs: the paper's 4, the strength rows against the chosen
+    # l2, and the learned strength row against each of its 4 controls; two metrics each
+    assert len(ab.comparisons) == 16 * 2 + 10 * 2
     t1 = ablation.load(ROOT / "ablations" / "table1.yaml")
     kd_rgb = [c for c in t1.comparisons if c["a"][1] == "kd" and c["b"][1] == "rgb"]
     assert [c["paper_delta"] for c in kd_rgb] == pytest.approx([-1.27, -2.49, -2.18, -2.68])

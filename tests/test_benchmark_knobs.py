@@ -69,8 +69,9 @@ def test_address_changes_only_when_a_knob_is_set():
     assert "knobs" not in synth_source("rhd-like", 100, 32, 0)
     assert synth_source("rhd-like", 100, 32, 0, knobs={"distractors": 1})["knobs"] == {
         "distractors": 1}
-    cfg = config.load("smoke", ["data.knobs.rhd-like.distractors=1"])
-    assert config.knobs_of(cfg.data.source, cfg) == {"distractors": 1}
+    cfg = config.load("smoke", ["data.knobs.rhd-like.distractors=3"])
+    assert config.knobs_of(cfg.data.source, cfg)["distractors"] == 3  # over the preset's 1
+    assert config.knobs_of(cfg.data.source, config.load("paper")) == {}  # paper: none
     # per domain: a row that trains on another domain does not see rhd-like's knobs
     assert config.knobs_of(config.DataSpec(domain="freihand-g"), cfg) == {}
 
