@@ -18,7 +18,9 @@ mean of each permutation's per-tensor rhos (the summary's own null). A tensor wh
 is constant has no rank correlation and is left out (``skipped``). The null's mean and SD are
 also known exactly (0 and 1/sqrt(n - 1) per tensor of n weights: ``null_sd_exact``); the K
 permutations estimate them, its percentiles and the permutation p. ``compare_all`` compares
-several pairs at once, drawing each permutation once for all of them.
+several pairs at once, drawing each permutation once for all of them. ``live_weights``: the
+weights L_REG depends on (a Fisher diagonal above 0); the diagnostics compare those only, since
+weights no loss reaches keep their starting phi in every run and would count as agreement.
 
 Quantities of the same network that phi may merely echo (``compare`` phi against them):
 ``abs_theta`` |theta|, ``squared_change`` (theta_after - theta_before)^2 and ``fisher_diagonal``
@@ -80,17 +82,29 @@ def _empty(permutations: int, skipped: list[str]) -> dict:
 
 
 def compare(a: PhiState, b: PhiState, *, permutations: int = PERMUTATIONS,
-            seed: int = 0, names: Iterable[str] | None = None) -> dict:
+            seed: int = 0, names: Iterable[str] | None = None,
+            live: PhiState | None = None) -> dict:
     """Spearman's rho of ``a`` and ``b`` per tensor, each against its within-tensor permutation
     null (``b`` permuted ``permutations`` times), and their size-weighted summary with its own
     null. ``names``: the tensors to compare (default: ``a``'s, all of which ``b`` must hold with
-    the same shapes). Deterministic for a given ``seed``. One pair of ``compare_all``."""
-    return compare_all({"": (a, b)}, permutations=permutations, seed=seed, names=names)[""]
+    the same shapes); ``live``: per tensor, a boolean mask of the weights to compare (the
+    others are left out, ``excluded``). Deterministic for a given ``seed``. One pair of
+    ``compare_all``."""
+    return compare_all({"": (a, b)}, permutations=permutations, seed=seed, names=names,
+                       live=live)[""]
+
+
+def live_weights(fisher: PhiState) -> dict[str, Tensor]:
+    """The weights L_REG depends on: a Fisher diagonal above 0. The others never move and their
+    phi stays where it started (e.g. the outer taps of a 3x3 convolution that only ever sees
+    1x1 maps); every phi and every quantity shares them, so they would count as agreement."""
+    return {n: f > 0 for n, f in fisher.items()}
 
 
 def compare_all(pairs: Mapping[str, tuple[PhiState, PhiState]], *,
                 permutations: int = PERMUTATIONS, seed: int = 0,
-                names: Iterable[str] | None = None) -> dict[str, dict]:
+                names: Iterable[str] | None = None,
+                live: PhiState | None = None) -> dict[str, dict]:
     """``compare`` for several pairs of states over the same tensors at once: each permutation
     of a tensor is drawn once and serves every pair (the costly part on millions of weights),
     and a state shared by several pairs is ranked once.
@@ -108,27 +122,31 @@ def compare_all(pairs: Mapping[str, tuple[PhiState, PhiState]], *,
     rng = np.random.default_rng(seed)
     acc = {label: {"per_tensor": [], "skipped": [], "null": np.zeros(permutations), "n": 0,
                    "sum": 0.0, "var": 0.0} for label in pairs}
+    excluded = 0
     for name in names:
+        keep = None if live is None else _flat(live[name]).astype(bool)
+        excluded += 0 if keep is None else int((~keep).sum())
         ranks: dict[int, np.ndarray | None] = {}  # a tensor shared by pairs: ranked once
-        live = {}
+        used = {}
         for label, (a, b) in pairs.items():
             for t in (a[name], b[name]):
                 if id(t) not in ranks:
-                    ranks[id(t)] = _centred_ranks(_flat(t))
+                    x = _flat(t)
+                    ranks[id(t)] = _centred_ranks(x if keep is None else x[keep])
             ra, rb = ranks[id(a[name])], ranks[id(b[name])]
             if ra is None or rb is None:
                 acc[label]["skipped"].append(name)
             else:
-                live[label] = (ra, rb)
-        if not live:
+                used[label] = (ra, rb)
+        if not used:
             continue
-        n = len(next(iter(live.values()))[0])
-        null = {label: np.empty(permutations) for label in live}
+        n = len(next(iter(used.values()))[0])
+        null = {label: np.empty(permutations) for label in used}
         for k in range(permutations):
             perm = rng.permutation(n)
-            for label, (ra, rb) in live.items():
+            for label, (ra, rb) in used.items():
                 null[label][k] = np.dot(ra, rb[perm])
-        for label, (ra, rb) in live.items():
+        for label, (ra, rb) in used.items():
             rho, s = float(np.dot(ra, rb)), acc[label]
             s["per_tensor"].append({"name": name, "n": n,
                                     **_null_summary(rho, null[label], 1 / np.sqrt(n - 1))})
@@ -139,22 +157,24 @@ def compare_all(pairs: Mapping[str, tuple[PhiState, PhiState]], *,
     out = {}
     for label, s in acc.items():
         if not s["n"]:
-            out[label] = _empty(permutations, s["skipped"])
+            out[label] = {**_empty(permutations, s["skipped"]), "excluded": excluded}
             continue
         summary = _null_summary(s["sum"] / s["n"], s["null"] / s["n"], np.sqrt(s["var"]) / s["n"])
-        out[label] = {**summary, "weights": s["n"], "tensors": len(s["per_tensor"]),
-                      "skipped": s["skipped"], "per_tensor": s["per_tensor"],
-                      "permutations": permutations}
+        out[label] = {**summary, "weights": s["n"], "excluded": excluded,
+                      "tensors": len(s["per_tensor"]), "skipped": s["skipped"],
+                      "per_tensor": s["per_tensor"], "permutations": permutations}
     return out
 
 
 def order_free(phi: PhiState) -> dict:
     """Statistics that do not depend on which weight is which (comparable across seeds): the
-    count, the fraction below 0 (a negative phi grows its weight), mean and SD, and the
-    percentiles ``ABS_QUANTILES`` of |phi|."""
+    count, the fraction below 0 (a negative phi grows its weight), the fraction exactly 0 (from
+    phi_init 0: weights phi never moved), mean and SD, and the percentiles ``ABS_QUANTILES`` of
+    |phi|."""
     x = np.concatenate([_flat(t) for t in phi.values()])
     q = np.percentile(np.abs(x), ABS_QUANTILES)
     return {"count": int(x.size), "fraction_negative": float(np.mean(x < 0)),
+            "fraction_zero": float(np.mean(x == 0)),
             "mean": float(x.mean()), "std": float(x.std(ddof=1)) if x.size > 1 else 0.0,
             **{f"abs_p{k}": float(v) for k, v in zip(ABS_QUANTILES, q)}}
 

@@ -15,7 +15,8 @@ executor the ablation runner uses (Ray tasks, or Ray Train with ``--workers``); 
     fisher         rho(phi_full, the Fisher diagonal of L_REG at theta_student)
 
 each a size-weighted Spearman rho over the regularised tensors against its within-tensor
-permutation null, plus the order-free statistics of every variant's phi. The records go to
+permutation null, over the weights L_REG reaches (``phi_stats.live_weights``: a Fisher diagonal
+above 0), plus the order-free statistics of every variant's phi. The records go to
 ``{report}/results/phi.json`` (``write_phi``) and the report (``{report}/phi.md``, ``phi.csv``)
 is rendered from them alone (``cmkg.report.phi``).
 """
@@ -161,7 +162,8 @@ def seed_record(seed: int, arts: dict[str, stages.Artifact], student: stages.Art
                                             reduction=cfg.reduction.reg)}
     pairs = {name: (phis[PAIRS[name][0]], phis[PAIRS[name][1]]) if name in PAIRS
              else (phis["full"], quantities[name]) for name in COMPARISONS}
-    comparisons = phi_stats.compare_all(pairs, permutations=permutations, seed=seed, names=names)
+    comparisons = phi_stats.compare_all(pairs, permutations=permutations, seed=seed, names=names,
+                                        live=phi_stats.live_weights(quantities["fisher"]))
     return {"seed": seed, "status": "done", "error": None,
             "artifacts": {**{v: a.key for v, a in arts.items()}, "student": student.key},
             "comparisons": comparisons,

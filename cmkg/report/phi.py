@@ -30,7 +30,9 @@ COMPARISONS = {
     "fisher": ("φ vs Fisher", "φ(full) vs the Fisher diagonal of L_REG at the student's "
                "weights"),
 }
+VARIANTS = ("full", "order", "half0", "half1", "no_teacher")  # the order the files list them
 ORDER_FREE = (("count", "weights", "d"), ("fraction_negative", "fraction φ < 0", ".3f"),
+              ("fraction_zero", "fraction φ = 0", ".3f"),
               ("mean", "mean φ", ".3g"), ("std", "SD φ", ".3g"), ("abs_p10", "|φ| p10", ".3g"),
               ("abs_p50", "|φ| p50", ".3g"), ("abs_p90", "|φ| p90", ".3g"),
               ("abs_p99", "|φ| p99", ".3g"))
@@ -87,10 +89,21 @@ def _span(values: list[float]) -> str:
     return _rho(lo) if lo == hi else f"{_rho(lo)} … {_rho(hi)}"
 
 
+def _sd(x: float) -> str:
+    return f"{x:.2g}"
+
+
 def _null(cs: list[dict]) -> str:
     """The nulls of some comparisons: the largest |mean| and the largest SD."""
     mean = max((c["null_mean"] for c in cs), key=abs)
-    return f"null {_rho(mean)} ± {max(c['null_sd'] for c in cs):.3f}"
+    return f"null {_rho(mean)} ± {_sd(max(c['null_sd'] for c in cs))}"
+
+
+def _variants(doc: dict) -> list[tuple[str, str]]:
+    """(variant, what it is), in ``VARIANTS``' order (the records' JSON sorts its keys)."""
+    found = doc.get("variants") or {}
+    return [(v, found[v]) for v in sorted(found, key=lambda v: (
+        VARIANTS.index(v) if v in VARIANTS else len(VARIANTS), v))]
 
 
 def _seeds(n: int) -> str:
@@ -135,7 +148,7 @@ def teacher_reading(pairs: list[tuple[dict, dict]]) -> str:
     parts = [f"{verdicts.count(v)} of {n}" + f" seed{'s' * (n > 1)} {text}" for v, text in (
         ("less", "the teacher-free φ agrees with the full φ less than a rerun with another "
                  "order does: the teacher's terms shape φ's per-weight pattern"),
-        ("as much", "it agrees as much: removing the teacher changes φ no more than "
+        ("as much", "it agrees at least as much: removing the teacher changes φ no more than "
                     "reshuffling the data, no sign of cross-modal knowledge in φ"),
         ("cannot tell", "cannot tell: φ does not repeat under another order"))
         if verdicts.count(v)]
@@ -172,7 +185,7 @@ def phi_markdown(doc: dict) -> str:
            "fixed training batches. Written by `cmkg phi`; how to read it: "
            "docs/phi-diagnostics.md.\n",
            "Per seed, five meta stages of the same student and teacher:\n",
-           "".join(f"- `{v}`: {d}\n" for v, d in (doc.get("variants") or {}).items())]
+           "".join(f"- `{v}`: {d}\n" for v, d in _variants(doc))]
     lines = readings(doc)
     if lines:
         out.append("## Reading\n")
@@ -183,27 +196,33 @@ def phi_markdown(doc: dict) -> str:
                    "tensors weighted by their sizes; null: the same average when one side is "
                    f"permuted within each tensor (K times: mean ± SD, 95th percentile); "
                    "z = (ρ − null mean) / null SD; p: two-sided permutation p (at least "
-                   f"1/(K+1)); told from the null at p < {ALPHA}.\n")
+                   f"1/(K+1)); told from the null at p < {ALPHA}. Only the weights L_REG "
+                   "reaches are compared (a Fisher diagonal above 0): the others never move, "
+                   "keep their starting φ in every run and would count as agreement.\n")
         rows = []
         for name, (label, _) in COMPARISONS.items():
             for r in done:
                 c = r["comparisons"][name]
                 rows.append([label, str(r["seed"]), _rho(c["rho"]),
                              "—" if c["rho"] is None else f"{_rho(c['null_mean'])} ± "
-                             f"{c['null_sd']:.3f}",
-                             _rho(c["null_p95"]), "—" if c["z"] is None else f"{c['z']:.1f}",
-                             p_value(c["p"]), f"{c['tensors']} ({len(c['skipped'])} constant)",
-                             TOLD[told(c)]])
+                             f"{_sd(c['null_sd'])}",
+                             "—" if c["null_p95"] is None else f"{c['null_p95']:+.2g}",
+                             "—" if c["z"] is None else f"{c['z']:.1f}",
+                             p_value(c["p"]),
+                             f"{c['weights']} of {c['weights'] + c.get('excluded', 0)}",
+                             f"{c['tensors']} ({len(c['skipped'])} constant)", TOLD[told(c)]])
         out.append(md_table(["comparison", "seed", "ρ", "null mean ± SD", "null p95", "z", "p",
-                             "tensors", "reading"], rows, right={1, 2, 3, 4, 5, 6}))
+                             "weights", "tensors", "reading"], rows,
+                            right={1, 2, 3, 4, 5, 6, 7}))
         out.append("What each compares: " + "; ".join(
             f"{label}: {what}" for label, what in COMPARISONS.values()) + ".\n")
         out.append("## Order-free statistics of φ\n")
         out.append("These do not depend on which weight is which, so they compare across seeds "
                    "(the per-weight correlation across seeds does not: different seeds train "
                    "different networks whose hidden units do not correspond).\n")
-        of_rows = [[v, str(r["seed"]), *(format(s[key], fmt) for key, _, fmt in ORDER_FREE)]
-                   for v in doc.get("variants") or {} for r in done
+        of_rows = [[v, str(r["seed"]), *("—" if s.get(key) is None else format(s[key], fmt)
+                                         for key, _, fmt in ORDER_FREE)]
+                   for v, _ in _variants(doc) for r in done
                    for s in [r["order_free"][v]]]
         out.append(md_table(["variant", "seed", *(h for _, h, _ in ORDER_FREE)], of_rows,
                             right=set(range(1, 2 + len(ORDER_FREE)))))
@@ -218,15 +237,17 @@ CSV_FIELDS = ("rho", "null_mean", "null_sd", "null_p95", "z", "p")
 
 
 def phi_csv(doc: dict) -> str:
-    """Per seed and comparison: the summary ("all") and every tensor."""
+    """Per seed and comparison: the summary ("all", with the weights left out as out of L_REG's
+    reach) and every tensor."""
     rows = []
     for r in doc.get("records") or []:
         if r.get("status") != "done":
             continue
         for name in COMPARISONS:
             c = r["comparisons"][name]
-            rows.append([r["seed"], name, "all", c["weights"], *(c[f] for f in CSV_FIELDS),
-                         told(c)])
-            rows += [[r["seed"], name, t["name"], t["n"], *(t[f] for f in CSV_FIELDS), told(t)]
-                     for t in c["per_tensor"]]
-    return csv_text(["seed", "comparison", "tensor", "weights", *CSV_FIELDS, "reading"], rows)
+            rows.append([r["seed"], name, "all", c["weights"], c.get("excluded"),
+                         *(c[f] for f in CSV_FIELDS), told(c)])
+            rows += [[r["seed"], name, t["name"], t["n"], None, *(t[f] for f in CSV_FIELDS),
+                      told(t)] for t in c["per_tensor"]]
+    return csv_text(["seed", "comparison", "tensor", "weights", "excluded", *CSV_FIELDS,
+                     "reading"], rows)
