@@ -302,6 +302,7 @@ def test_tiny_target_stage_logs_diagnostics_and_trains_as_without_them(tiny_cfg,
     cfg = config.load("smoke", [
         "data.target.num=120", "optim.batch_size=16", "data.target.size=32",
         "epochs.target=2", "regularizer.form=l2", "regularizer.sigma=1e-2", "run.threads=1",
+        "optim.schedule=constant",  # the lr in the strength is then the set one
         f"data.root={tiny_cfg.data.root}", f"run.store={tiny_cfg.run.store}",
         "run.progress=lines"])
     art = stages.run_stage("target", cfg)
