@@ -118,18 +118,18 @@ def main():
         print(f"  target none   {e:6.2f} mm = {e / mp_t:.2f} x mean pose ({mp_t:.2f}); "
               f"train {statistics.mean(tr) if tr else math.nan:.2f}, "
               f"val {statistics.mean(r['val'] for r in none):.2f}")
-        d = [out[("null", NULL_SIGMA, s)]["test"] - none[s]["test"] for s in range(args.seeds)]
-        sd = statistics.stdev(d)
-        from scipy.stats import spearmanr, t
+        from cmkg.report import benchmark, stats  # the report's own arithmetic
 
-        hw = t.ppf(0.975, len(d) - 1) * sd / math.sqrt(len(d))
-        print(f"  noise floor   l2 sigma {NULL_SIGMA:g} - none: mean {statistics.mean(d):+.2f}, "
-              f"paired SD {sd:.2f} mm over {len(d)} seeds (95 % half-width {hw:.2f})")
+        c = stats.paired_interval([out[("null", NULL_SIGMA, s)]["test"] for s in range(args.seeds)],
+                                  [r["test"] for r in none])
+        print(f"  noise floor   l2 sigma {NULL_SIGMA:g} - none: mean {c['mean']:+.2f}, "
+              f"paired SD {c['sd']:.2f} mm over {args.seeds} seeds (95 % half-width "
+              f"{(c['hi'] - c['lo']) / 2:.2f})")
         val = [statistics.mean(out[("l2", x, s)]["val"] for s in range(args.grid_seeds))
                for x in SIGMAS]
         test = [statistics.mean(out[("l2", x, s)]["test"] for s in range(args.grid_seeds))
                 for x in SIGMAS]
-        rho = spearmanr(val, test).statistic
+        rho = benchmark.spearman(val, test)
         print("  l2 grid       " + "  ".join(f"{x:g}: val {v:.2f} test {te:.2f}"
                                              for x, v, te in zip(SIGMAS, val, test)))
         print(f"  agreement     Spearman(val, test) over the l2 grid {rho:.2f} "

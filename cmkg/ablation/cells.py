@@ -21,6 +21,7 @@ from cmkg.ablation import tuned
 from cmkg.ablation.spec import Ablation, Column, Row
 from cmkg.config import Config
 from cmkg.errors import ConfigError, UserError
+from cmkg.report.format import seed_text
 from cmkg.yamlfile import read_mapping
 
 WORK_FACTOR = {"meta": 3.0}  # an Algorithm 1 iteration costs about 3 plain steps (bench_meta)
@@ -94,17 +95,6 @@ def seed_plan(ab: Ablation, seeds: int | None = None,
         return list(n), choice
     taken = set(choice or [])
     return [s for s in range(n + len(taken)) if s not in taken][:n], choice
-
-
-def seed_text(found) -> str:
-    """Seeds as the notes write them: ``0-4``, ``5-9``, ``0, 2, 7-8``."""
-    runs: list[list[int]] = []
-    for s in sorted(found):
-        if runs and s == runs[-1][-1] + 1:
-            runs[-1].append(s)
-        else:
-            runs.append([s])
-    return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs) or "—"
 
 
 def _layers(ab: Ablation, preset: str | None, col: Column, row: Row) -> list[tuple[str, dict]]:

@@ -27,6 +27,7 @@ import math
 import statistics
 
 from cmkg.report import stats
+from cmkg.report.format import seed_text
 
 
 def _cell(by_cell: dict, ref) -> list[dict]:
@@ -116,16 +117,9 @@ def lines(spec: dict, records: list[dict]) -> list[str]:
         a = p["agreement"]
         rho = "undefined" if a["rho"] is None else f"{a['rho']:.2f}"
         out.append(f"- validation against test over {a['row']}'s {a['values']} values of "
-                   f"{a['key']}: Spearman {rho} (seeds {stats_seeds(a['seeds'])}; best on val "
+                   f"{a['key']}: Spearman {rho} (seeds {seed_text(a['seeds'])}; best on val "
                    f"{a['best_val']}, best on test {a['best_test']})")
     return out
-
-
-def stats_seeds(seeds) -> str:
-    seeds = sorted(seeds)
-    if seeds and seeds == list(range(seeds[0], seeds[-1] + 1)) and len(seeds) > 2:
-        return f"{seeds[0]}-{seeds[-1]}"
-    return ", ".join(str(s) for s in seeds)
 
 
 def section(tables: dict[str, tuple[dict, list[dict]]]) -> list[str]:

@@ -68,6 +68,17 @@ def seeds(found) -> str:
     return ", ".join(str(s) for s in found) if found else "—"
 
 
+def seed_text(found) -> str:
+    """Seeds as the notes write them: ``0-4``, ``5-9``, ``0, 2, 7-8``."""
+    runs: list[list[int]] = []
+    for s in sorted(found):
+        if runs and s == runs[-1][-1] + 1:
+            runs[-1].append(s)
+        else:
+            runs.append([s])
+    return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs) or "—"
+
+
 def _md(text) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
