@@ -39,14 +39,16 @@ other values never run there). A row with ``choose: {follow: label}`` takes the 
 and values and, per column, the value that row chose (a control at the strength the learned
 prior chose, Table 2); it never chooses on its own metrics, and with choice seeds it runs only
 that value, on the report seeds. A row with ``tuned: PATH/best.yaml`` takes a sweep's best trial
-(``tuned.py``); its report seeds must be other than the sweep's.
+(``tuned.py``); its report seeds must be other than the sweep's. With ``tuned: {cpu: PATH}`` it
+is that only at the presets named, and left out of the table at any other (``at_preset``).
 
 Every cell's ``stages.plan`` is unioned by (stage, key): Table 2's seven rows share one teacher,
 one student and one phi per weighted form per seed. What the store lacks is trained (by the Ray
 layer, ``cmkg.cluster.ablate``); each finished cell becomes a *result record* (``record``):
 metrics, artifact keys, wall times, code version, device — the only input of ``cmkg report``.
 
-    spec.py      the ablation file: Ablation, Column, Row and the strict loader ``load``
+    spec.py      the ablation file: Ablation, Column, Row, the strict loader ``load`` and
+                 ``at_preset`` (the table as one preset runs it)
     cells.py     expand into cells, the union of their plans, the work estimate, ``choose``,
                  the seeds (``seed_plan``: report and choice seeds)
     tuned.py     tuned rows: a sweep's best.yaml read, its seeds checked against the report's
@@ -72,11 +74,11 @@ from cmkg.ablation.cells import (
 from cmkg.ablation.migrate import refresh_spec
 from cmkg.ablation.results import LOWER_IS_BETTER, fingerprint, record, table_spec
 from cmkg.ablation.runner import check_overwrite, dry_run, run, status_line
-from cmkg.ablation.spec import METRICS, Ablation, Column, Row, load
+from cmkg.ablation.spec import METRICS, Ablation, Column, Row, at_preset, load
 
 __all__ = [
     "LOWER_IS_BETTER", "METRICS", "WORK_FACTOR", "Ablation", "Cell", "Column", "Row",
-    "check_overwrite", "choose", "decisions", "dry_run", "expand", "fingerprint", "load", "notes",
+    "at_preset", "check_overwrite", "choose", "decisions", "dry_run", "expand", "fingerprint", "load", "notes",
     "preset_of", "record", "refresh_spec", "run", "seed_plan", "seeds_of",
     "status_line", "table_spec", "train_samples", "union", "work",
 ]

@@ -18,7 +18,7 @@ import numpy as np
 from cmkg import config as config_mod
 from cmkg import stages
 from cmkg.ablation import tuned
-from cmkg.ablation.spec import Ablation, Column, Row
+from cmkg.ablation.spec import Ablation, Column, Row, at_preset
 from cmkg.config import Config
 from cmkg.errors import ConfigError, UserError
 from cmkg.report.format import seed_text
@@ -58,13 +58,15 @@ def preset_of(base_config: str | None) -> str | None:
 
 
 def notes(ab: Ablation, preset: str | None) -> list[str]:
-    """What this preset runs instead of the paper (the scale sections' notes), for the report."""
+    """What this preset runs instead of the paper (the scale sections' notes) and the rows it
+    leaves out (tuned at other presets, ``spec.at_preset``), for the report."""
+    ab = at_preset(ab, preset)
     out = []
     if preset in ab.scale and ab.scale[preset]["note"]:
         out.append(ab.scale[preset]["note"])
     out += [f"{r.label}: {r.scale[preset]['note']}" for r in ab.rows
             if preset in r.scale and r.scale[preset]["note"]]
-    return out
+    return out + ab.left_out
 
 
 def seeds_of(ab: Ablation, seeds: int | None, choice_seeds: int | None = None) -> list[int]:
@@ -129,8 +131,10 @@ def expand(ab: Ablation, base_config: str | None, overrides: list[str],
     """Rows x columns x seeds, each with its resolved config and its plan; with choice seeds
     (``seed_plan``), a ``choose`` row's values also on the choice seeds (``Cell.choosing``).
     A row or column override that is not a config key, or a tuned row whose sweep chose on a
-    report seed, fails here, naming the file and the row, before any training."""
+    report seed, fails here, naming the file and the row, before any training. The rows are
+    those ``preset`` runs (``spec.at_preset``: rows tuned at other presets left out)."""
     preset = preset_of(base_config)
+    ab = at_preset(ab, preset)
     report, choosing_seeds = seed_plan(ab, seeds, choice_seeds)
     problems: list[str] = []
     cells: list[Cell] = []

@@ -20,7 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cmkg import report
-from cmkg.ablation.spec import load
+from cmkg.ablation.spec import at_preset, load
 
 OLD_KEYS = ("figure4_paper_delta_auc",)  # where the figures' data lived in a spec before
 ABLATIONS = Path(__file__).resolve().parents[2] / "ablations"
@@ -29,11 +29,14 @@ ABLATIONS = Path(__file__).resolve().parents[2] / "ablations"
 def refresh_spec(path: str | Path, ablation_file: str | Path | None = None) -> dict:
     """Replace the ``figures`` entry of the spec stored in the records file ``path`` with the
     ablation file's (default: the spec's ``source`` in ``ablations/``) and set each stored
-    comparison's ``kind`` to the file's; the rows are rewritten as they were read. Raises
+    comparison's ``kind`` to the file's, both as the spec's preset runs the file
+    (``spec.at_preset``); the rows are rewritten as they were read. Raises
     ``ValueError`` when the file is another table's or lacks a stored comparison. Returns the
     new spec."""
     spec = report.read_spec(path)
     ab = load(ablation_file if ablation_file is not None else ABLATIONS / spec["source"])
+    stored = spec.get("preset")  # the rows of the records' preset (rows tuned at others out)
+    ab = at_preset(ab, None if stored in (None, "custom") else stored)
     if ab.table != spec["table"]:
         raise ValueError(f"{path}: records of {spec['table']!r}, but the ablation file "
                          f"{ab.path} is {ab.table!r}")

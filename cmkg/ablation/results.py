@@ -13,7 +13,7 @@ import numpy as np
 from cmkg import config as config_mod
 from cmkg import report, stages
 from cmkg.ablation.cells import Cell, notes
-from cmkg.ablation.spec import Ablation
+from cmkg.ablation.spec import Ablation, at_preset
 from cmkg.config import Config
 from cmkg.console import say
 
@@ -118,7 +118,9 @@ def table_spec(ab: Ablation, preset: str | None, seeds: list[int],
     """The table's description stored beside its records (what ``cmkg report`` renders):
     ``seeds`` are the report seeds; ``choice_seeds`` (stored where the table has a ``choose``
     row) those its choices were made on; ``sheets`` the contact sheets of its datasets
-    (``data_sheets``)."""
+    (``data_sheets``). The rows, comparisons, figures and benchmark entries are those
+    ``preset`` runs (``spec.at_preset``)."""
+    ab = at_preset(ab, preset)
     spec = {"table": ab.table, "title": ab.title, "caption": ab.caption,
             "regenerates": ab.regenerates, "source": Path(ab.path).name,
             "columns": [{"name": c.name, "title": c.title, "metrics": c.metrics, "stage": c.stage}

@@ -1,16 +1,18 @@
 """The ablation file: its loader (strict: every problem at once, each named with its key, before
-any training) and what it loads into (``Ablation``, ``Column``, ``Row``)."""
+any training), what it loads into (``Ablation``, ``Column``, ``Row``) and the table as one preset
+runs it (``at_preset``: rows tuned at other presets left out)."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cmkg import config as config_mod
 from cmkg import stages
-from cmkg.ablation.tuned import read_best
+from cmkg.ablation.tuned import left_out_note, read_tuned
 from cmkg.errors import ConfigError
-from cmkg.report.figures import check_figures
+from cmkg.report.figures import check_figures, without_rows
 from cmkg.report.stats import KINDS
 from cmkg.yamlfile import is_int, is_number, mapping, number, read_mapping, unknown_keys
 
@@ -43,6 +45,9 @@ class Row:
     choose: dict | None = None
     # a sweep's best.yaml (``tuned.read_best``): {where, path, params, sweep, metric, seeds, ...}
     tuned: dict | None = None
+    # ``tuned: {preset: PATH}``: preset -> its best.yaml read; ``at_preset`` makes the running
+    # preset's the row's ``tuned``, or leaves the row out where the preset is not named
+    tuned_at: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -62,6 +67,10 @@ class Ablation:
     choice_seeds: int | list[int] | None = None  # seeds the choices are made on (None: the report's)
     # the cells that describe the benchmark rather than the method (cmkg.report.benchmark)
     benchmark: dict = field(default_factory=dict)
+    # set by ``at_preset``: the rows resolved for ``preset``; a note per row it left out
+    resolved: bool = False
+    preset: str | None = None
+    left_out: list[str] = field(default_factory=list)
 
     def row(self, label: str) -> Row:
         return next(r for r in self.rows if r.label == label)
@@ -95,6 +104,51 @@ def load(path: str | Path) -> Ablation:
     return Ablation(str(path), str(data["table"]), str(data.get("title", data["table"])),
                     str(data.get("caption", "")), str(data.get("regenerates", "")), seeds,
                     base, scale, columns, rows, comparisons, figures, choice_seeds, bench)
+
+
+def at_preset(ab: Ablation, preset: str | None) -> Ablation:
+    """The table as ``preset`` runs it (None: a config naming no preset). A row with ``tuned:
+    {preset: PATH}`` is a tuned row at a preset its mapping names (that preset's best.yaml) and
+    is left out at any other: its cells, its comparisons (``compare``, ``baseline_row``), the
+    ``benchmark`` entries and figure panels naming it (``figures.without_rows``), with a note
+    per row (``left_out``). The runner calls this once it knows the preset, so that plans, dry
+    runs, records, the stored spec and the report see the same rows; ``cells.expand`` calls it
+    too. Called again at the same preset it returns ``ab``; at another it raises ValueError."""
+    if ab.resolved:
+        if ab.preset != preset:
+            raise ValueError(f"{ab.path}: resolved at preset {ab.preset!r}, not {preset!r}")
+        return ab
+    rows, gone, notes = [], set(), []
+    for r in ab.rows:
+        if not r.tuned_at:
+            rows.append(r)
+        elif preset in r.tuned_at:
+            rows.append(dataclasses.replace(r, tuned=r.tuned_at[preset]))
+        else:
+            gone.add(r.label)
+            notes.append(left_out_note(r.label, r.tuned_at, preset))
+    if not rows:
+        at = preset or "a config naming no preset"
+        raise ConfigError(ab.path, [f"rows: every row is tuned at other presets (tuned: "
+                                    f"{{preset: PATH}}) than {at}: nothing to run"])
+
+    def kept(ref) -> bool:
+        return ref is not None and ref[0] not in gone
+
+    bench = {}
+    ratios = {k: v for k, v in (ab.benchmark.get("ratios") or {}).items() if kept(v)}
+    if ratios:
+        bench["ratios"] = ratios
+    if "floor" in ab.benchmark and all(kept(v) for v in ab.benchmark["floor"].values()):
+        bench["floor"] = ab.benchmark["floor"]
+    if "agreement" in ab.benchmark and kept(ab.benchmark["agreement"]):
+        bench["agreement"] = ab.benchmark["agreement"]
+    return dataclasses.replace(
+        ab, rows=rows, resolved=True, preset=preset, left_out=notes,
+        comparisons=[c for c in ab.comparisons if c["a"][0] not in gone
+                     and c["b"][0] not in gone],
+        figures=without_rows(ab.figures, gone) if gone else ab.figures,
+        benchmark=bench if gone else ab.benchmark)
 
 
 def _benchmark(value, rows: list[Row], columns: dict[str, Column], p: list[str]) -> dict:
@@ -190,16 +244,17 @@ def _rows(value, columns: dict[str, Column], p: list[str], folder: Path) -> list
             continue
         if any(x.label == label for x in rows):
             p.append(f"{key}.label: {label!r} appears twice")
-        tuned = None
+        tuned, tuned_at = None, {}
         if r.get("tuned") is not None:
-            tuned = read_best(r["tuned"], folder, f"{key}.tuned", p)
+            tuned, tuned_at = read_tuned(r["tuned"], folder, f"{key}.tuned",
+                                         config_mod.PRESETS, p)
             if r.get("choose") is not None:
                 p.append(f"{key}: choose and tuned exclude each other (a tuned row's value was "
                          "chosen by its sweep)")
         rows.append(Row(label, mapping(r.get("set"), f"{key}.set", p),
                         _scale(r.get("scale"), f"{key}.scale", p),
                         _paper(r.get("paper"), columns, f"{key}.paper", p),
-                        _choose(r.get("choose"), f"{key}.choose", p), tuned))
+                        _choose(r.get("choose"), f"{key}.choose", p), tuned, tuned_at))
     return rows
 
 

@@ -13,10 +13,19 @@ seeds and the sweep's seeds must be disjoint (``check_seeds``, exit status 2 nam
 key otherwise). A ``best.yaml`` that names no seeds ran its trials at one seed, the ``run.seed``
 of the sweep's config: the one its ``best.params`` or its ``retrain`` command sets, else the
 config's default, 0. A relative path is read from the ablation file's folder.
+
+A sweep chooses at one preset: its best trial means nothing at another, and a smaller preset's
+report seeds (the demo reports on seed 0) may be the sweep's own. So ``tuned`` may also map
+preset names to files, ``tuned: {cpu: ../reports/sweeps/l2/best.yaml}`` (``read_tuned``): at a
+preset it names the row is a tuned row as above; at any other the row is left out of the run's
+table, with its comparisons, benchmark and figure entries, and a note says so
+(``spec.at_preset``, ``left_out_note``). Every file of the mapping is read when the ablation file
+is loaded, whichever preset runs.
 """
 
 from __future__ import annotations
 
+import difflib
 import re
 from pathlib import Path
 
@@ -26,12 +35,49 @@ from cmkg.yamlfile import is_int, read_mapping
 DEFAULT_SEED = 0  # run.seed's default (cmkg.config.RunConfig)
 
 
+def read_tuned(value, folder: Path, where: str, presets,
+               problems: list[str]) -> tuple[dict | None, dict[str, dict]]:
+    """A row's ``tuned:`` entry: (``read_best`` of its path, {}) for ``tuned: PATH``, or (None,
+    {preset: read_best of its path}) for ``tuned: {preset: PATH, ...}``, every path read now;
+    each problem names ``where`` (``rows[i].tuned``, ``rows[i].tuned.cpu``) and the file. The
+    keys must be among ``presets``."""
+    if not isinstance(value, dict):
+        return read_best(value, folder, where, problems), {}
+    if not value:
+        problems.append(f"{where}: an empty mapping (name the presets whose sweep chose the "
+                        f"row, e.g. {{{presets[0]}: PATH/best.yaml}})")
+        return None, {}
+    for key in value:
+        if key not in presets:
+            near = difflib.get_close_matches(str(key), presets, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            problems.append(f"{where}.{key}: not a preset{hint}; a key of tuned is the preset "
+                            f"whose sweep chose the row, one of {', '.join(presets)}")
+    out = {}
+    for preset, path in value.items():
+        if preset in presets:
+            best = read_best(path, folder, f"{where}.{preset}", problems)
+            if best is not None:
+                out[str(preset)] = best
+    return None, out
+
+
+def left_out_note(label: str, at: dict[str, dict], preset: str | None) -> str:
+    """The table's note for a row tuned at other presets than the one that runs (``at``:
+    preset -> ``read_best``), which leaves it out."""
+    names = " and ".join(at)
+    files = "; ".join(t["file"] if len(at) == 1 else f"{p}: {t['file']}" for p, t in at.items())
+    return (f"{label}: tuned at the {names} preset{'s' if len(at) > 1 else ''} only ({files}); "
+            f"left out at {preset or 'custom (a config naming no preset)'}")
+
+
 def read_best(value, folder: Path, where: str, problems: list[str]) -> dict | None:
     """A row's ``tuned:`` entry read from its file: {where, path (resolved), file (as written),
-    params, sweep, metric, seeds, seeds_stated}; None and a problem naming ``where`` (``rows[i].tuned``) and the file when the
-    file is missing or not a sweep's summary."""
+    params, sweep, metric, seeds, seeds_stated}; None and a problem naming ``where``
+    (``rows[i].tuned``) and the file when the file is missing or not a sweep's summary."""
     if not isinstance(value, str) or not value:
-        problems.append(f"{where}: must be the path of a sweep's best.yaml, got {value!r}")
+        problems.append(f"{where}: must be the path of a sweep's best.yaml, or a mapping from "
+                        f"preset to such a path, got {value!r}")
         return None
     path = Path(value) if Path(value).is_absolute() else folder / value
     if not path.is_file():

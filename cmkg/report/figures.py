@@ -69,6 +69,29 @@ def check_figures(value, rows: list[str], columns: list[str], where: str,
     return out
 
 
+def without_rows(figures: dict, labels: set[str]) -> dict:
+    """A checked ``figures`` entry without the rows ``labels`` (a row an ablation leaves out at
+    a preset, ``cmkg.ablation.spec.at_preset``): a panel naming one of them as its ``row`` is
+    dropped, a ``rows`` list loses them (the panel too when none is left), and so is a figure
+    left without panels."""
+    out: dict = {}
+    for figure, panels in figures.items():
+        for panel, entry in panels.items():
+            kinds, kept = FIGURES[figure][panel], dict(entry)
+            for key, kind in kinds.items():
+                if kind == "row" and kept[key] in labels:
+                    kept = None
+                    break
+                if kind == "rows":
+                    kept[key] = [v for v in kept[key] if v not in labels]
+                    if not kept[key]:
+                        kept = None
+                        break
+            if kept is not None:
+                out.setdefault(figure, {})[panel] = kept
+    return out
+
+
 def _check_panel(entry, kinds: dict, rows, columns, at: str, problems: list[str]) -> dict | None:
     before = len(problems)
     entry = mapping(entry, at, problems)
