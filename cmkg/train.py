@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from cmkg.config import averaged_epochs
 from cmkg.data.dataset import prepare_batch
 from cmkg.diagnostics import describe
 from cmkg.errors import NumericalError
@@ -138,6 +139,13 @@ class FitState:
     best_epe: float = math.inf
     best_epoch: int = 0
     best_state: dict | None = None  # state_dict of the best model so far, on the CPU
+    # keep="average": the float64 running sum (on the CPU) of the floating entries of the
+    # model's state at the end of each epoch averaged so far, and those epochs (their count).
+    # Checkpointed with the rest (the whole FitState is pickled), so a resumed run continues
+    # the same sum; class-level defaults, so checkpoints from before these fields still load.
+    # The sum is dropped once the last epoch has averaged it into ``best_state``.
+    average_sum: dict | None = None
+    averaged: list[int] | None = None
 
 
 # the loss parts by their names in the paper (Eqs. 1-4, 9; Algorithm 1), for the messages
@@ -186,20 +194,81 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)  # DDP keeps the real module here
 
 
+KEEPS = ("best_val", "final", "average")  # fit's keep (cmkg.config.KEEP)
+
+
+def _accumulate(state: FitState, model: nn.Module, epoch: int) -> None:
+    """Add the model's floating state (parameters, BatchNorm running mean and var) to the
+    running sum of ``keep="average"``, in float64 on the CPU."""
+    current = {k: v.detach() for k, v in model.state_dict().items() if v.is_floating_point()}
+    if state.average_sum is None:
+        state.average_sum = {k: v.to("cpu", torch.float64, copy=True) for k, v in current.items()}
+        state.averaged = []
+    else:
+        for k, v in current.items():
+            state.average_sum[k] += v.to("cpu", torch.float64)
+    state.averaged.append(epoch)
+
+
+def _average(state: FitState, model: nn.Module) -> dict[str, Tensor]:
+    """The averaged state on the CPU: each floating entry the running sum over the count, in its
+    own dtype; the other entries (num_batches_tracked) the model's final values."""
+    n = len(state.averaged)
+    return {k: (state.average_sum[k] / n).to(v.dtype) if k in state.average_sum
+            else v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def _publish_average(model: nn.Module, state: FitState, validate: Callable[[], dict] | None,
+                     stage: str, epoch: int, lr: float | None) -> dict:
+    """Keep the average of ``state``'s running sum as ``best_state`` (validated, if ``validate``,
+    with the model's own weights put back after) and return its history entry."""
+    bare = _unwrap(model)
+    average = _average(state, bare)
+    entry = {"epochs": list(state.averaged)}
+    state.best_state, state.best_epoch, state.average_sum = average, epoch, None
+    if validate is not None:
+        final = {k: v.detach().clone() for k, v in bare.state_dict().items()}
+        bare.load_state_dict(average)
+        try:
+            val = validate()
+        finally:
+            bare.load_state_dict(final)
+        if not math.isfinite(val["epe_mm"]):
+            raise NumericalError(f"{stage}: the averaged weights of epochs {entry['epochs'][0]}-"
+                                 f"{epoch} are non-finite (validation EPE {val['epe_mm']}; "
+                                 f"{_numerical_hint(stage, {}, lr)})")
+        entry["val"] = {k: val[k] for k in ("epe_mm", "auc_20_50")}
+        state.best_epe = val["epe_mm"]
+    return entry
+
+
 def fit(model: nn.Module, loss_fn: LossFn | None, loader, optimizer: torch.optim.Optimizer | None,
         epochs: int, *, device: torch.device, update: LossFn | None = None,
         validate: Callable[[], dict] | None = None, eval_every: int = 1,
         state: FitState | None = None, report: Callable[[FitState], None] | None = None,
         stage: str = "fit", progress: str = "auto", check_every: int = 50,
         diagnose: Callable[[], dict] | None = None, scheduler=None,
-        keep: str = "best_val", train_metrics: Callable[[], dict] | None = None) -> FitState:
+        keep: str = "best_val", average_epochs: int = 0,
+        train_metrics: Callable[[], dict] | None = None) -> FitState:
     """Train ``model`` on ``loss_fn`` for ``epochs`` epochs, validating and keeping the best.
 
     Each step minimises ``loss_fn(batch)["loss"]`` with ``optimizer``; or, when ``update`` is
     given instead, calls it and lets it apply its own updates (the meta stage's Algorithm 1).
 
     ``validate()`` returns metrics with ``epe_mm``; the weights kept in ``state.best_state`` are
-    those of the best validation epoch (``keep="best_val"``) or the final ones (``"final"``).
+    those of the best validation epoch (``keep="best_val"``), the final ones (``"final"``), or
+    (``"average"``) the element-wise mean of the model's state at the end of each of the last
+    ``average_epochs`` epochs (0: the last half, at least 1; ``cmkg.config.averaged_epochs``):
+    epoch-level Polyak/SWA averaging. Floating entries are averaged, parameters and BatchNorm
+    running mean and var alike: the BatchNorm statistics are the mean of the epochs' running
+    statistics, not recomputed for the averaged weights with a pass over the data, so they
+    are not exactly those of the averaged network. Integer buffers (``num_batches_tracked``)
+    take their final values. The average is validated once after the last epoch: that EPE
+    becomes ``state.best_epe`` with ``best_epoch`` the last epoch, and the last epoch's history
+    record gets ``"average": {"epochs": [the averaged epochs], "val": {"epe_mm", "auc_20_50"}}``
+    (``val`` only with ``validate``) beside its own ``val`` of the final weights. The model
+    itself is left holding the final weights; the running sum lives in ``state``, so a run
+    resumed from a checkpoint averages the same epochs to the same bits.
     ``scheduler`` (e.g. ``cosine_schedule``), if given, steps after every training step.
     ``train_metrics()``, if given, measures the weights on (part of) the training split where an
     epoch validates, kept as the record's ``train_eval`` (the learning curves' train EPE); like
@@ -210,6 +279,12 @@ def fit(model: nn.Module, loss_fn: LossFn | None, loader, optimizer: torch.optim
     summed on the device and read back every ``check_every`` steps, where a non-finite value
     stops the run with :class:`NumericalError`.
     """
+    if keep not in KEEPS:
+        raise ValueError(f"keep must be one of {', '.join(KEEPS)}, got {keep!r}")
+    n_average = averaged_epochs(average_epochs, epochs)
+    if keep == "average" and not 1 <= n_average <= epochs:
+        raise ValueError(f"average_epochs must be 0 (the last half) or in 1..{epochs} (the "
+                         f"epochs), got {average_epochs}")
     state = state or FitState()
     bar_on = progress == "auto" and sys.stderr.isatty()
     lr = optimizer.param_groups[0]["lr"] if optimizer is not None else None  # for the messages
@@ -251,6 +326,8 @@ def fit(model: nn.Module, loss_fn: LossFn | None, loader, optimizer: torch.optim
         record = {"epoch": epoch, "train": train, "train_time_s": time.perf_counter() - start}
         if diagnose is not None:
             record["diagnostics"] = diagnose()
+        if keep == "average" and epoch > epochs - n_average:
+            _accumulate(state, _unwrap(model), epoch)
 
         # -- validate, keep the best ----------------------------------------------------------
         if validate is not None and (epoch % eval_every == 0 or epoch == epochs):
@@ -262,11 +339,14 @@ def fit(model: nn.Module, loss_fn: LossFn | None, loader, optimizer: torch.optim
             record["val"] = {k: val[k] for k in ("epe_mm", "auc_20_50")}
             if train_metrics is not None:
                 record["train_eval"] = {"epe_mm": train_metrics()["epe_mm"]}
-            kept = val["epe_mm"] < state.best_epe if keep == "best_val" else epoch == epochs
+            kept = (val["epe_mm"] < state.best_epe if keep == "best_val"
+                    else keep == "final" and epoch == epochs)
             if kept:
                 state.best_epe, state.best_epoch = val["epe_mm"], epoch
                 state.best_state = {k: v.detach().to("cpu", copy=True)
                                     for k, v in _unwrap(model).state_dict().items()}
+        if keep == "average" and epoch == epochs:
+            record["average"] = _publish_average(model, state, validate, stage, epoch, lr)
         state.history.append(record)
         state.epoch = epoch
 
@@ -277,6 +357,10 @@ def fit(model: nn.Module, loss_fn: LossFn | None, loader, optimizer: torch.optim
                        if "val" in record else "")
             print(f"{stage:8s} epoch {epoch:3d}/{epochs}  loss {train['loss']:.4g} ({parts_txt})"
                   f"{val_txt}  {record['train_time_s']:.1f}s", file=sys.stderr, flush=True)
+            if "val" in record.get("average", {}):
+                a, v = record["average"], record["average"]["val"]
+                print(f"{stage:8s} average of epochs {a['epochs'][0]}-{a['epochs'][-1]}  val EPE "
+                      f"{v['epe_mm']:.2f} mm AUC {v['auc_20_50']:.3f}", file=sys.stderr, flush=True)
             if "diagnostics" in record:
                 print(f"{stage:8s} epoch {epoch:3d}/{epochs}  {describe(record['diagnostics'])}",
                       file=sys.stderr, flush=True)

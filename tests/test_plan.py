@@ -77,7 +77,10 @@ def test_every_config_field_is_hashed_or_declared_result_neutral(tmp_path):
              # how a target applies phi: strength and prior_seed are null at their defaults
              config.load("smoke", [f"data.root={tmp_path}", "regularizer.form=weighted_l2",
                                    "regularizer.strength=10.0", "regularizer.prior_seed=5",
-                                   "regularizer.phi_control=other_seed"])]
+                                   "regularizer.phi_control=other_seed"]),
+             # average_epochs is read (and hashed) only with keep: average
+             config.load("smoke", [f"data.root={tmp_path}", "optim.keep=average",
+                                   "optim.average_epochs=1"])]
     from cmkg.data import synthesize
 
     folder = tmp_path / "set"

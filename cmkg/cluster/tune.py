@@ -219,8 +219,9 @@ def _final_metrics(art, store, epochs: int) -> dict:
     EPE and that epoch's AUC, the test metrics, the last epoch, the artifact."""
     m = art.metrics
     # the epoch whose weights the stage keeps (optim.keep: best validation EPE, or the last)
-    # gives the validation AUC
-    kept = [h for h in m["history"] if h.get("epoch") == m.get("best_epoch") and "val" in h]
+    # gives the validation AUC; with keep: average, the average recorded in the last epoch
+    kept = [h.get("average", h) for h in m["history"]
+            if h.get("epoch") == m.get("best_epoch") and "val" in h.get("average", h)]
     best = kept[0] if kept else min(m["history"], key=lambda h: h.get("val", {}).get(
         "epe_mm", float("inf")))
     return {"val_epe_mm": m["best_val_epe_mm"],

@@ -15,7 +15,7 @@ import json
 from dataclasses import asdict, dataclass, replace
 
 from cmkg import storage
-from cmkg.config import Config, DataSpec, digest, knobs_of
+from cmkg.config import Config, DataSpec, averaged_epochs, digest, knobs_of
 from cmkg.data import read_manifest, synth_source
 from cmkg.errors import DataError, UserError
 from cmkg.losses import DEFAULT_REDUCTION
@@ -50,7 +50,7 @@ def stage_spec(stage: str, cfg: Config, inputs: dict[str, str]) -> dict:
     data = {"train": [dataset_identity(s, cfg) for s in specs],
             "eval": dataset_identity(specs[0], cfg)}
     spec = {"stage": stage, "version": STAGE_VERSION, "data": data, "arch": stage_arch(stage, cfg),
-            "modality": d.modality, "optim": _optim(cfg),
+            "modality": d.modality, "optim": _optim(cfg, getattr(cfg.epochs, stage)),
             "epochs": getattr(cfg.epochs, stage), "eval_every": cfg.run.eval_every,
             "seed": cfg.run.seed, "inputs": inputs}
     r = cfg.regularizer
@@ -82,11 +82,20 @@ def stage_spec(stage: str, cfg: Config, inputs: dict[str, str]) -> dict:
 # optim entries added after keys existed: in a stage's key only where they differ from these
 # defaults (the behaviour from before they were a choice), so default runs keep their keys
 OPTIM_SINCE = {"schedule": "constant", "keep": "best_val"}
+# optim entries read only with one keep: in the key with that keep alone
+OPTIM_WITH_KEEP = {"average_epochs": "average"}
 
 
-def _optim(cfg: Config) -> dict:
-    return {k: v for k, v in asdict(cfg.optim).items()
-            if k not in OPTIM_SINCE or v != OPTIM_SINCE[k]}
+def _optim(cfg: Config, epochs: int) -> dict:
+    """The optim section of a stage of ``epochs`` epochs as its key records it. With
+    ``keep: average``, ``average_epochs`` is the count the stage averages (0 resolved to its
+    last half), so two spellings of the same average share a key."""
+    out = {k: v for k, v in asdict(cfg.optim).items()
+           if (k not in OPTIM_SINCE or v != OPTIM_SINCE[k])
+           and OPTIM_WITH_KEEP.get(k, cfg.optim.keep) == cfg.optim.keep}
+    if "average_epochs" in out:
+        out["average_epochs"] = averaged_epochs(out["average_epochs"], epochs)
+    return out
 
 
 # meta entries added after keys existed (the phi diagnostics' variants): in the meta stage's

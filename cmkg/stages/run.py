@@ -77,7 +77,8 @@ class PartialFolder:
 
 
 def checkpoint_blob(run: StageRun, key: str, state: FitState, gen: torch.Generator) -> dict:
-    """Everything a resumed run needs: model(s), optimizers, phi, fit state, RNG states."""
+    """Everything a resumed run needs: model(s), optimizers, phi, fit state (pickled whole, with
+    ``keep: average``'s running sum), RNG states. The Ray path checkpoints this same blob."""
     blob = {"key": key, "model": run.trainable.state_dict(),
             "optimizers": [o.state_dict() for o in run.optimizers], "state": state,
             "loader_rng": gen.get_state(), "torch_rng": torch.get_rng_state()}
@@ -182,6 +183,7 @@ def fit_stage(run: StageRun, cfg: Config, spec: dict, train_loader, val_loader,
                train_metrics=lambda: evaluate(run.model, head_loader, modality, device),
                eval_every=cfg.run.eval_every, state=state, report=report, stage=run.stage,
                progress=cfg.run.progress, scheduler=run.scheduler, keep=cfg.optim.keep,
+               average_epochs=cfg.optim.average_epochs,
                diagnose=None if run.diagnose is None else lambda: run.diagnose(total_steps))
 
 
