@@ -28,7 +28,7 @@ PRESET_DIR = Path(__file__).parent / "presets"
 PRESETS = ("smoke", "cpu", "paper")
 SCHEDULES = ("constant", "cosine")  # optim.schedule
 SUBSETS = ("all", "half0", "half1")  # meta.subset
-KEEP = ("best_val", "final")  # optim.keep
+KEEP = ("best_val", "final", "average")  # optim.keep
 SIGNS = ("learned", "positive")  # regularizer.sign
 PHI_CONTROLS = ("none", "permuted", "uniform", "other_seed")  # regularizer.phi_control
 
@@ -97,9 +97,19 @@ class OptimConfig:
     # decays the rate to 0 over the stage's steps, so its final weights are a settled point
     schedule: str = "constant"
     # the weights a stage publishes: those of its best validation epoch (the default, as
-    # before) or the final ones (no selection on a small validation split)
+    # before), the final ones (no selection on a small validation split), or ``average``: the
+    # element-wise mean of the weights at the end of each of the last ``average_epochs`` epochs
     keep: str = "best_val"
 
+    # keep=average only: how many final epochs to average; 0 (the default) is the last half of
+    # each stage's epochs, at least 1 (``averaged_epochs``)
+    average_epochs: int = 0
+
+
+def averaged_epochs(setting: int, epochs: int) -> int:
+    """How many final epochs ``optim.keep: average`` averages in a stage of ``epochs`` epochs:
+    ``optim.average_epochs`` when set (> 0), else the last half, at least 1."""
+    return setting if setting > 0 else max(1, epochs // 2)
 
 @dataclass
 class EpochsConfig:
@@ -409,6 +419,19 @@ def validate(cfg: Config) -> list[str]:
         n = getattr(cfg.epochs, stage)
         check(n >= 1, f"epochs.{stage}", f"must be >= 1, got {n}")
     bad = [x for x in cfg.distill.losses if x not in ("act", "att")]
+    avg, keep = cfg.optim.average_epochs, cfg.optim.keep
+    shorter = [f"epochs.{s}={getattr(cfg.epochs, s)}" for s in STAGES
+               if 0 < getattr(cfg.epochs, s) < avg]
+    if avg < 0:
+        check(False, "optim.average_epochs",
+              f"must be >= 0 (0: the last half of each stage's epochs), got {avg}")
+    elif avg > 0 and keep != "average":
+        check(False, "optim.average_epochs",
+              f"is read only with optim.keep=average, got {avg} with optim.keep={keep}")
+    elif shorter:
+        check(False, "optim.average_epochs",
+              f"must be at most every stage's epochs, got {avg} against {', '.join(shorter)} "
+              "(0 averages the last half of each stage's epochs)")
     check(not bad and cfg.distill.losses, "distill.losses",
           f"must be a non-empty subset of ['act', 'att'], got {cfg.distill.losses}")
     check(cfg.distill.lambda_att >= 0, "distill.lambda_att", "must be >= 0")
