@@ -52,6 +52,7 @@ class DomainKnobs:
     skin_texture: float | None = None
     blocks: int | None = None  # sequence domains: blocks B1..Bn of a Counting + a Random sequence
     val: list[str] | None = None  # sequence domains: the validation sequences
+    test: list[str] | None = None  # sequence domains: the test sequences (null: B1's two)
 
     def set(self) -> dict:
         """The knobs that are set, as ``synth.variant`` takes them."""
@@ -100,7 +101,6 @@ class OptimConfig:
     # before), the final ones (no selection on a small validation split), or ``average``: the
     # element-wise mean of the weights at the end of each of the last ``average_epochs`` epochs
     keep: str = "best_val"
-
     # keep=average only: how many final epochs to average; 0 (the default) is the last half of
     # each stage's epochs, at least 1 (``averaged_epochs``)
     average_epochs: int = 0
@@ -110,6 +110,7 @@ def averaged_epochs(setting: int, epochs: int) -> int:
     """How many final epochs ``optim.keep: average`` averages in a stage of ``epochs`` epochs:
     ``optim.average_epochs`` when set (> 0), else the last half, at least 1."""
     return setting if setting > 0 else max(1, epochs // 2)
+
 
 @dataclass
 class EpochsConfig:
@@ -255,14 +256,14 @@ def _check_knobs(domain: str, k: DomainKnobs, key: str, check) -> None:
           f"must be one of {', '.join(synth.BACKGROUNDS)}, got {k.background!r}")
     check(k.blocks is None or 2 <= k.blocks <= 99, f"{key}.blocks",
           f"must be in [2, 99], got {k.blocks}")
-    seq = [n for n in ("blocks", "val") if getattr(k, n) is not None]
+    seq = [n for n in ("blocks", "val", "test") if getattr(k, n) is not None]
     if seq and synth.DOMAINS[domain].sequences is None:
         check(False, f"{key}.{seq[0]}", f"only a sequence domain has it ({domain} is i.i.d.)")
     elif seq:
         try:
             synth.variant(domain, k.set())
-        except KeyError as e:
-            check(False, f"{key}.val", e.args[0])
+        except KeyError as e:  # its second argument, if any, is the knob at fault
+            check(False, f"{key}.{e.args[1] if len(e.args) > 1 else 'val'}", e.args[0])
 
 
 def _check_tracking(t: TrackingConfig, check) -> None:
@@ -418,7 +419,6 @@ def validate(cfg: Config) -> list[str]:
     for stage in STAGES:
         n = getattr(cfg.epochs, stage)
         check(n >= 1, f"epochs.{stage}", f"must be >= 1, got {n}")
-    bad = [x for x in cfg.distill.losses if x not in ("act", "att")]
     avg, keep = cfg.optim.average_epochs, cfg.optim.keep
     shorter = [f"epochs.{s}={getattr(cfg.epochs, s)}" for s in STAGES
                if 0 < getattr(cfg.epochs, s) < avg]
@@ -432,6 +432,7 @@ def validate(cfg: Config) -> list[str]:
         check(False, "optim.average_epochs",
               f"must be at most every stage's epochs, got {avg} against {', '.join(shorter)} "
               "(0 averages the last half of each stage's epochs)")
+    bad = [x for x in cfg.distill.losses if x not in ("act", "att")]
     check(not bad and cfg.distill.losses, "distill.losses",
           f"must be a non-empty subset of ['act', 'att'], got {cfg.distill.losses}")
     check(cfg.distill.lambda_att >= 0, "distill.lambda_att", "must be >= 0")

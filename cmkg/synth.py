@@ -189,11 +189,12 @@ def domain_code(name: str) -> int:
 
 # what a preset may change of a named domain (``data.source.knobs``): appearance and viewpoint
 # fields of ``Domain``, and for a sequence domain the number of blocks of sequences (B1..Bn,
-# each a Counting and a Random sequence; B1 stays the test block) and the validation sequences.
+# each a Counting and a Random sequence), the validation sequences and the test sequences (B1,
+# STB's test block, unless set).
 # A variant keeps its domain's name, so its random streams are those of the named domain.
 DOMAIN_KNOBS = ("azimuth", "elevation", "roll", "background", "bg_texture", "distractors",
                 "skin_like_distractors", "occluder_prob", "rgb_noise", "skin_texture")
-SEQUENCE_KNOBS = ("blocks", "val")
+SEQUENCE_KNOBS = ("blocks", "val", "test")
 BACKGROUNDS = ("clutter", "indoor", "green", "photo")
 
 
@@ -218,12 +219,18 @@ def variant(domain: str, knobs: dict | None = None) -> Domain:
             names = tuple(f"B{b}{kind}" for b in range(1, int(seq_knobs["blocks"]) + 1)
                           for kind in ("Counting", "Random"))
         val = tuple(seq_knobs.get("val", sequences.val))
-        missing = [v for v in (*val, *sequences.test) if v not in names]
-        if missing:
-            raise KeyError(f"{domain}: sequence {missing[0]!r} is not among {names[0]}..{names[-1]}")
-        if set(val) & set(sequences.test):
-            raise KeyError(f"{domain}: validation sequences overlap the test sequences")
-        sequences = replace(sequences, names=names, val=val)
+        test = tuple(seq_knobs.get("test", sequences.test))
+        # a KeyError's second argument names the knob at fault (config.py's message names it)
+        for knob, seqs in (("test", test), ("val", val)):
+            missing = [v for v in seqs if v not in names]
+            if missing:
+                raise KeyError(f"{domain}: sequence {missing[0]!r} is not among "
+                               f"{names[0]}..{names[-1]}", knob)
+        if not test:
+            raise KeyError(f"{domain}: the test split needs at least one sequence", "test")
+        if set(val) & set(test):
+            raise KeyError(f"{domain}: validation sequences overlap the test sequences", "val")
+        sequences = replace(sequences, names=names, val=val, test=test)
     return replace(dom, sequences=sequences,
                    **{k: v for k, v in knobs.items() if k in DOMAIN_KNOBS})
 

@@ -64,6 +64,20 @@ def test_sequence_blocks_and_val():
     np.testing.assert_array_equal(a["rgb"], b["rgb"])
 
 
+def test_sequence_test_knob():
+    # a larger test split of unseen sequences (the cpu preset's: B1 and B31-B40); training
+    # keeps every other sequence, in the same order, so its frames are the same
+    dom = synth.variant("stb-like", {"blocks": 8, "val": ["B7Random"],
+                                     "test": ["B1Counting", "B1Random", "B8Counting", "B8Random"]})
+    split = dom.sequences.split()
+    assert split["test"] == ["B1Counting", "B1Random", "B8Counting", "B8Random"]
+    assert split["val"] == ["B7Random"]
+    wider = synth.variant("stb-like", {"blocks": 8, "val": ["B7Random"]}).sequences.split()
+    assert split["train"] == [s for s in wider["train"] if s not in ("B8Counting", "B8Random")]
+    assert synth_source("stb-like", 320, 32, 1, knobs={"blocks": 8, "test": ["B1Random"]}) != \
+        synth_source("stb-like", 320, 32, 1, knobs={"blocks": 8})
+
+
 def test_address_changes_only_when_a_knob_is_set():
     assert synth_source("rhd-like", 100, 32, 0) == synth_source("rhd-like", 100, 32, 0, knobs={})
     assert "knobs" not in synth_source("rhd-like", 100, 32, 0)
@@ -82,6 +96,9 @@ def test_address_changes_only_when_a_knob_is_set():
     ("data.knobs.rhd-like.blocks=8", "data.knobs.rhd-like.blocks"),
     ("data.knobs.stb-like.val=[B9Random]", "data.knobs.stb-like.val"),
     ("data.knobs.stb-like.val=[B1Random]", "data.knobs.stb-like.val"),
+    ("data.knobs.stb-like.test=[B9Random]", "data.knobs.stb-like.test"),
+    ("data.knobs.stb-like.test=[]", "data.knobs.stb-like.test"),
+    ("data.knobs.rhd-like.test=[B1Random]", "data.knobs.rhd-like.test"),
     ("data.knobs.rhd-lik.distractors=1", "data.knobs.rhd-lik"),
     ("data.knobs.rhd-like.distractor=1", "data.knobs.rhd-like.distractor"),
 ])
