@@ -42,29 +42,28 @@ def test_shipped_files_load_and_expand(tmp_path):
     assert len(cells["table1"]) == 4 * 4 * 3
     assert _stages(ablation.union(cells["table1"])) == {
         "teacher": 9, "student": 18, "kd": 12}  # base, +A, bigger: teacher, student, long
-    # Table 2 chooses on seeds 0-4 (choice_seeds: 5) and reports on the 3 seeds after them.
-    # 17 rows: 8 plain (none, l1 x 2, l2 x 2, l2 1e-6, weighted l1, weighted l2 at the paper's
-    # beta); 5 choose rows over 6 + 4 + 4 + 8 + 8 = 30 values (l2's sigma, the two calibrated
-    # rows' D*, the learned prior's strength as learned and with phi >= 0), each value on the
-    # 5 choice seeds; 4 controls following the strength row's choice (8 values, report seeds
-    # only). The dry expansion lists every value on the report seeds (the runner trains only
-    # the chosen one there).
-    assert len(cells["table2"]) == 30 * 5 + (8 + 30 + 4 * 8) * 3
-    assert {c.seed for c in cells["table2"] if c.choosing} == {0, 1, 2, 3, 4}
-    assert {c.seed for c in cells["table2"] if not c.choosing} == {5, 6, 7}
-    # per seed one teacher and student; phi: free weighted l2 on every seed, softplus on every
-    # seed (a choose row), weighted l1 and the teacher-free meta on the report seeds only;
-    # sigma 1e-5 and 1e-3 are the paper rows' targets on the report seeds
+    # Table 2 chooses on seeds 0-2 (choice_seeds: 3) and reports on the 3 seeds after them.
+    # 15 rows: 8 plain (none, l1 x 2, l2 x 2, l2 1e-6, weighted l1, weighted l2 at the paper's
+    # beta); 3 choose rows over 6 + 6 + 6 = 18 values (l2's sigma, the learned prior's strength
+    # as learned and with phi >= 0), each value on the 3 choice seeds; 4 controls following the
+    # strength row's choice (6 values, report seeds only). The dry expansion lists every value
+    # on the report seeds (the runner trains only the chosen one there).
+    assert len(cells["table2"]) == 18 * 3 + (8 + 18 + 4 * 6) * 3
+    assert {c.seed for c in cells["table2"] if c.choosing} == {0, 1, 2}
+    assert {c.seed for c in cells["table2"] if not c.choosing} == {3, 4, 5}
+    # per seed one teacher and student; phi: free weighted l2 on every seed (a choose row),
+    # weighted l1 and the teacher-free meta on the report seeds only; sigma 1e-5 and 1e-3 are
+    # the paper rows' targets on the report seeds
     assert _stages(ablation.union(cells["table2"])) == {
-        "teacher": 8, "student": 8, "meta": 8 + 8 + 3 + 3, "target": 360 - 2 * 3}
+        "teacher": 6, "student": 6, "meta": 6 + 3 + 3, "target": 204 - 2 * 3}
     assert len(cells["table3"]) == 5 * 3 * 3
     assert _stages(ablation.union(cells["table3"])) == {
         "teacher": 3, "student": 3, "meta": 3, "target": 45}
     every = ablation.union([c for cs in cells.values() for c in cs])
     # Tables 2 and 3 train on Table 1's row-2 teacher and student where seeds meet (0-2); Table
     # 3's stb row meets Table 2's choosing l2 sigma 1e-5 cells on seeds 0-2
-    assert _stages(every) == {"teacher": 9 + 8 - 3, "student": 18 + 8 - 3, "kd": 12,
-                              "meta": 22, "target": 354 + 45 - 3}
+    assert _stages(every) == {"teacher": 9 + 6 - 3, "student": 18 + 6 - 3, "kd": 12,
+                              "meta": 12, "target": 198 + 45 - 3}
     # one seed reseeds the whole chain: a weighted target's phi comes from its own seed, but
     # for the other-seed control, whose phi is another seed's
     for c in cells["table2"]:
@@ -81,11 +80,11 @@ def test_comparisons_and_paper_deltas():
     paper_beta = ("weighted l2 (paper β)", "target")
     assert by[(paper_beta, ("none", "target"), "epe_mm")] == pytest.approx(-7.49)
     assert by[(paper_beta, ("l2 σ=1e-5", "target"), "epe_mm")] == pytest.approx(-3.84)
-    calibrated = ("weighted l2 (calibrated)", "target")
-    assert by[(calibrated, ("l2 (σ chosen on val, ours)", "target"), "epe_mm")] is None
-    # the 16 other rows vs none; 10 pairs: the paper's 4, the strength rows against the chosen
+    strength = ("weighted l2 (strength chosen on val, ours)", "target")
+    assert by[(strength, ("l2 (σ chosen on val, ours)", "target"), "epe_mm")] is None
+    # the 14 other rows vs none; 8 pairs: the paper's 2, the strength rows against the chosen
     # l2, and the learned strength row against each of its 4 controls; two metrics each
-    assert len(ab.comparisons) == 16 * 2 + 10 * 2
+    assert len(ab.comparisons) == 14 * 2 + 8 * 2
     t1 = ablation.load(ROOT / "ablations" / "table1.yaml")
     kd_rgb = [c for c in t1.comparisons if c["a"][1] == "kd" and c["b"][1] == "rgb"]
     assert [c["paper_delta"] for c in kd_rgb] == pytest.approx([-1.27, -2.49, -2.18, -2.68])
@@ -358,11 +357,11 @@ def test_shipped_table2_at_smoke_one_seed_completes_and_renders(tmp_path):
          "--set", f"data.root={tmp_path / 'data'}", *sum((["--set", s] for s in TINY), [])],
         capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    # 70 cells: 8 plain rows, the 5 choose rows' 30 values and the 4 controls following the
-    # strength row (8 values each, all run without choice seeds); seed 0's teacher, student and
-    # 4 phi (free, softplus, l1, teacher-free), seed 1's chain for the other-seed control's phi;
-    # 68 targets (sigma 1e-5 and 1e-3 shared by the paper's rows and the chosen l2)
-    assert "70 cells: 0 done, 70 to run; 77 stages: 0 cached, 77 to train" in done.stderr
+    # 50 cells: 8 plain rows, the 3 choose rows' 18 values and the 4 controls following the
+    # strength row (6 values each, all run without choice seeds); seed 0's teacher, student and
+    # 3 phi (free, l1, teacher-free), seed 1's chain for the other-seed control's phi; 48
+    # targets (sigma 1e-5 and 1e-3 shared by the paper's rows and the chosen l2)
+    assert "50 cells: 0 done, 50 to run; 56 stages: 0 cached, 56 to train" in done.stderr
     from cmkg.report import load_records
 
     spec, recs = load_records(rep / "results")["table2"]
@@ -375,11 +374,12 @@ def test_shipped_table2_at_smoke_one_seed_completes_and_renders(tmp_path):
     assert "| none | 15.67 |" in md  # the paper's value beside ours
     # the choices made on val, with every value's val EPE, and the strength table
     assert "regularizer.sigma = " in md and "chosen on the validation split" in md
-    assert md.count("regularizer.calibrate_d = ") == 2
+    assert md.count("regularizer.strength = ") >= 6  # the 2 strength rows and 4 controls
     assert "## The regularizer's strength" in md
-    chosen = [r for r in recs if r["row"] == "weighted l2 (calibrated)"][0]["extra"]
-    assert chosen["chosen"]["key"] == "regularizer.calibrate_d"
-    assert len(chosen["chosen"]["val_epe_mm"]) == 4 and "calibration" in chosen
+    chosen = [r for r in recs if r["row"] == "weighted l2 (strength chosen on val, ours)"]
+    chosen = chosen[0]["extra"]
+    assert chosen["chosen"]["key"] == "regularizer.strength"
+    assert len(chosen["chosen"]["val_epe_mm"]) == 6
 
 
 def test_the_runner_trains_every_stage_after_its_inputs_across_seeds():
