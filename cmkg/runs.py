@@ -15,6 +15,7 @@ A remote store (``s3://...``) is listed from the URI itself, not from this machi
 ``inputs`` of meta.json, recursively), the entries that differ from its preset, its metrics,
 and what references it; ``cmkg runs diff`` two side by side (``diff_rows``). The references
 (``reference_files``, ``references``) are the result records (Parquet, ``artifacts`` column)
+and the φ diagnostics' records (``phi.json``: each seed's meta variants and their student)
 under ``{store}/reports/*/results/``, ``{store}/_results/*/`` and any ``--report DIR``, and the
 sweeps' ``{store}/_tune/*/best.yaml``. ``cmkg runs gc`` removes, in a local store, the finished
 artifacts none of them names, directly or as an input of one that is named (``referenced``),
@@ -372,7 +373,7 @@ def lineage(entry: Entry, entries: list[Entry]) -> list[str]:
 
 @dataclass(frozen=True)
 class Reference:
-    """One place that names an artifact: a result record or a sweep's best.yaml."""
+    """One place that names an artifact: a result record, a phi record or a sweep's best.yaml."""
 
     source: str  # the file
     stage: str
@@ -383,14 +384,17 @@ class Reference:
 def reference_files(root: Path, report_dirs: list[str] | tuple = ()) -> list[Path]:
     """The files that can name artifacts of the local store folder ``root``: result records
     (``reports/*/results/*.parquet``, ``_results/*/*.parquet``, ``DIR/results/*.parquet`` of
-    every ``--report DIR``) and sweep summaries (``_tune/*/best.yaml``)."""
+    every ``--report DIR``), the φ diagnostics' records (``phi.json`` in the same folders) and
+    sweep summaries (``_tune/*/best.yaml``)."""
     root = Path(root)
     globs = [(root / "reports", "*/results/*.parquet"), (root / "_results", "*/*.parquet"),
+             (root / "reports", "*/results/phi.json"), (root / "_results", "*/phi.json"),
              (root / "_tune", "*/best.yaml")]
     for d in report_dirs:
         if not Path(d).is_dir():
             raise UserError(f"--report {d}: no such folder")
-        globs += [(Path(d) / "results", "*.parquet"), (Path(d), "*.parquet")]
+        globs += [(Path(d) / "results", "*.parquet"), (Path(d), "*.parquet"),
+                  (Path(d) / "results", "phi.json"), (Path(d), "phi.json")]
     seen: dict[Path, Path] = {}
     for base, pattern in globs:
         for p in sorted(base.glob(pattern)) if base.is_dir() else []:
@@ -404,7 +408,8 @@ def references(files: list[Path]) -> tuple[list[Reference], list[str]]:
     refs, problems = [], []
     for path in files:
         try:
-            refs += _best_refs(path) if path.suffix == ".yaml" else _record_refs(path)
+            refs += (_best_refs(path) if path.suffix == ".yaml" else _phi_refs(path)
+                     if path.suffix == ".json" else _record_refs(path))
         except (OSError, ValueError, KeyError, TypeError, AttributeError, pa.ArrowException,
                 yaml.YAMLError) as e:
             problems.append(f"{path}: unreadable ({type(e).__name__}: {e})")
@@ -434,6 +439,18 @@ def _record_refs(path: Path) -> list[Reference]:
             named.add((r["stage"], r["key"][:20]))
         out += [Reference(str(path), s, n, what) for s, n in sorted(named)]
     return out
+
+
+def _phi_refs(path: Path) -> list[Reference]:
+    """The artifacts of a ``phi.json`` (``cmkg.report.phi.artifacts``): per measured seed, the
+    meta stages of the variants and the student they start from."""
+    from cmkg.report.phi import KIND, artifacts
+
+    doc = json.loads(path.read_text())
+    if not isinstance(doc, dict) or doc.get("kind") != KIND:
+        raise ValueError(f"not a phi record file (kind {KIND!r})")
+    return [Reference(str(path), stage, key[:20], f"phi diagnostics seed {seed}, {name}")
+            for seed, name, stage, key in artifacts(doc)]
 
 
 def _best_refs(path: Path) -> list[Reference]:
@@ -661,10 +678,10 @@ def gc(store: str | Path, report_dirs: list[str] | tuple = (), dry_run: bool = F
     """Remove the artifacts of a local store that nothing references, and leftover
     ``.partial`` folders; return what was removed (or, with ``dry_run``, would be).
 
-    Kept: every artifact a result record (``reference_files``) or a sweep's ``best.yaml`` names,
-    and their inputs recursively; a ``.partial`` (or an artifact) whose writer lock a live
-    process holds; while any writer runs, every artifact of the stages before its own (its
-    inputs are not known until it publishes). A folder is renamed to a hidden name, then
+    Kept: every artifact a result record, a phi record (``phi.json``: ``reference_files``) or a
+    sweep's ``best.yaml`` names, and their inputs recursively; a ``.partial`` (or an artifact)
+    whose writer lock a live process holds; while any writer runs, every artifact of the stages
+    before its own (its inputs are not known until it publishes). A folder is renamed to a hidden name, then
     deleted, so no reader sees half an artifact. A record file that cannot be read stops gc
     before anything is removed."""
     if storage.is_uri(store):

@@ -364,3 +364,62 @@ def test_readings_are_computed_from_the_numbers_and_the_files_match_golden(tmp_p
     (tmp_path / "results" / "phi.json").write_text("{}")
     with pytest.raises(DataError, match="not a phi record file"):
         phi_report.render_phi(tmp_path / "results", tmp_path)
+
+
+def _table_records(results: Path) -> None:
+    """The smallest table records a report renders from (one done cell)."""
+    from cmkg import report
+
+    spec = {"table": "table1", "columns": [{"name": "kd", "metrics": ["epe_mm"]}],
+            "rows": [{"label": "L_ACT", "paper": {}}]}
+    report.write_records(results / "table1.parquet", spec, [
+        {"table": "table1", "row": "L_ACT", "column": "kd", "seed": 0, "status": "done",
+         "stage": "kd", "key": "k", "artifacts": {"kd": "k"}, "epe_mm": 20.0}])
+
+
+def test_the_report_index_shows_the_diagnostics_iff_phi_json_exists(tmp_path):
+    from cmkg import report
+
+    results = tmp_path / "results"
+    _table_records(results)
+    written = report.render_reports(results, tmp_path)
+    readme = (tmp_path / "README.md").read_text(encoding="utf-8")
+    assert "φ diagnostics" not in readme and "phi.md" not in readme
+    assert not (tmp_path / "phi.md").exists() and {p.name for p in written} == {
+        "table1.md", "table1.csv", "README.md"}
+    doc = _doc()
+    (results / "phi.json").write_text(json.dumps(doc))
+    written = report.render_reports(results, tmp_path)
+    assert {"phi.md", "phi.csv", "README.md"} <= {p.name for p in written}
+    readme = (tmp_path / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## φ diagnostics\n"):readme.index("## Notes")
+                     if "## Notes" in readme else None]
+    assert "Preset `cpu`; seeds 0, 1, 2; 2 measured, 1 failed" in section
+    assert "[phi.md](phi.md)" in section and "[phi.csv](phi.csv)" in section
+    # its readings are phi.md's, from the same records
+    md = (tmp_path / "phi.md").read_text(encoding="utf-8")
+    assert md == (GOLDEN / "phi.md").read_text(encoding="utf-8")
+    reading = md[md.index("## Reading\n") + len("## Reading\n\n"):md.index("\n## Per-weight")]
+    assert reading.strip() and reading in section
+    assert "- **split-half, data order**: above the null in both seeds: ρ +0.410 … +0.450" \
+        in section
+    # the section comes from the records alone: no phi.json, no section
+    (results / "phi.json").unlink()
+    report.render_reports(results, tmp_path)
+    assert "φ diagnostics" not in (tmp_path / "README.md").read_text(encoding="utf-8")
+    # a phi.json that is not one: a DataError naming it, as for the tables' records
+    (results / "phi.json").write_text("{}")
+    with pytest.raises(DataError, match=r"phi\.json: not a phi record file"):
+        report.render_reports(results, tmp_path)
+
+
+def test_phi_artifacts_name_the_variants_meta_stages_and_their_student():
+    doc = _doc()
+    named = phi_report.artifacts(doc)
+    assert len(named) == 2 * 5  # the failed seed names none; _doc names no student
+    assert {(seed, stage) for seed, _, stage, _ in named} == {(0, "meta"), (1, "meta")}
+    doc["records"][0]["artifacts"]["student"] = "s" * 64
+    assert (0, "student", "student", "s" * 64) in phi_report.artifacts(doc)
+    doc["records"][0]["artifacts"]["kd"] = "x"
+    with pytest.raises(ValueError, match="artifact 'kd' is neither a variant"):
+        phi_report.artifacts(doc)

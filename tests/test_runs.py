@@ -1,4 +1,5 @@
-"""The run index (cmkg.runs) over a tiny real store: a teacher and three students of 1 epoch."""
+"""The run index (cmkg.runs) over a tiny real store: a teacher and three students of 1 epoch;
+gc over phi.json's references on a hand-made store (folders with meta.json only)."""
 
 import contextlib
 import dataclasses
@@ -471,3 +472,55 @@ def test_references_name_every_seed_of_a_sweep_and_the_cells_that_chose(tmp_path
         "chosen": json.dumps(chosen)}]), rec)
     assert {(r.stage, r.name) for r in runs._record_refs(rec)} == {
         ("target", "e" * 20), ("target", "c" * 20), ("student", "d" * 20)}
+
+
+def _fake(root, stage, key, **inputs):
+    """A finished artifact folder as ``index`` reads it (meta.json, config.yaml), no weights."""
+    folder = root / stage / key[:20]
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump({"preset": "smoke", "run": {"seed": 0}}))
+    (folder / "meta.json").write_text(json.dumps({"key": key, "stage": stage, "inputs": {
+        s: {"key": k, "path": f"{root}/{s}/{k[:20]}"} for s, k in inputs.items()}}))
+
+
+def test_gc_keeps_what_phi_json_names(tmp_path):
+    """phi.json names each seed's variants (meta stages) and their student: gc keeps them and
+    their inputs (the teacher of the full variant), wherever a report's phi.json is read from,
+    and still removes a meta stage nothing names."""
+    from cmkg.ablation.phi import write_phi
+
+    root = tmp_path / "runs"
+    teacher, student = "t" * 64, "s" * 64
+    _fake(root, "teacher", teacher)
+    _fake(root, "student", student)
+    variants = {v: f"{i}" * 64 for i, v in enumerate(["full", "order", "half0", "half1",
+                                                      "no_teacher"])}
+    for v, key in variants.items():
+        _fake(root, "meta", key, **({"teacher": teacher} if v == "full" else {}),
+              student=student)
+    orphan = "9" * 64
+    _fake(root, "meta", orphan, teacher=teacher, student=student)
+    records = [{"seed": 0, "status": "done", "artifacts": {**variants, "student": student}},
+               {"seed": 1, "status": "failed", "error": "meta 0123: boom"}]
+    rep = tmp_path / "rep"  # a report folder outside the store: read with --report only
+    write_phi(rep / "results" / "phi.json", preset="smoke", seeds=[0, 1], permutations=100,
+              records=records)
+    with pytest.raises(UserError, match="so all 8 would be removed"):
+        runs.gc(root)
+    removed = runs.gc(root, [str(rep)], dry_run=True, echo=lambda _: None)
+    assert [(r.stage, r.path.name) for r in removed] == [("meta", orphan[:20])]
+    refs, problems = runs.references(runs.reference_files(root, [str(rep)]))
+    assert not problems and {(r.stage, r.name, r.what) for r in refs} == {
+        *(("meta", k[:20], f"phi diagnostics seed 0, {v}") for v, k in variants.items()),
+        ("student", student[:20], "phi diagnostics seed 0, student")}
+    # the store's copy (cmkg phi writes one to {store}/_results/{preset}/) is read without --report
+    (root / "_results" / "smoke").mkdir(parents=True)
+    shutil.copy(rep / "results" / "phi.json", root / "_results" / "smoke" / "phi.json")
+    removed = runs.gc(root, echo=lambda _: None)
+    assert [(r.stage, r.path.name) for r in removed] == [("meta", orphan[:20])]
+    assert {e.key for e in runs.index(root)} == {teacher, student, *variants.values()}
+    # a phi.json that is not one: nothing removed
+    (root / "_results" / "smoke" / "phi.json").write_text(json.dumps({"kind": "other"}))
+    with pytest.raises(UserError, match=r"(?s)cannot tell what these files reference.*phi\.json"):
+        runs.gc(root)
+    assert len(runs.index(root)) == 7

@@ -1,7 +1,7 @@
 """The reports folder's ``README.md``: what the comparisons' verdicts say about the paper's
 claims (first: which hold, which are refuted and at what size, which this benchmark cannot
-tell), then run facts, links to the tables, figures and the datasets' contact sheets, and
-notes."""
+tell), then run facts, links to the tables and figures, the φ diagnostics' readings (where the
+folder holds ``results/phi.json``), the datasets' contact sheets, and notes."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from cmkg.report.format import (
     relative,
     seeds,
 )
+from cmkg.report.phi import index_section
 from cmkg.report.records import METRICS
 from cmkg.report.tables import verdict_text
 
@@ -81,10 +82,12 @@ def _sheets_section(sheets: list[dict]) -> list[str]:
 
 
 def readme_markdown(tables: dict[str, tuple[dict, list[dict]]], files: dict[str, list[str]],
-                    figures: dict[str, str], sheets: list[dict] | None = None) -> str:
+                    figures: dict[str, str], sheets: list[dict] | None = None,
+                    phi: dict | None = None) -> str:
     """The index: the claims summary written from the comparisons' verdicts, run facts, links
-    (tables, figures, the contact sheets present: ``sheets_present``; none, no section) and
-    notes."""
+    (tables, figures, the contact sheets present: ``sheets_present``; none, no section), the φ
+    diagnostics' readings and a link to ``phi.md`` (``phi``: the records of
+    ``results/phi.json``, ``cmkg.report.phi.index_section``; None, no section) and notes."""
     evaluated = stats.evaluate(tables)
     out = [TITLE] + _claims(evaluated)
     if bench := benchmark.section(tables):  # tables whose file declares its benchmark cells
@@ -101,6 +104,8 @@ def readme_markdown(tables: dict[str, tuple[dict, list[dict]]], files: dict[str,
     out.append("## Figures\n")
     out.append("".join(f"- [{f}]({f}): {what}\n" for f, what in figures.items())
                or "No figure: no table's spec names one (its ablation file's figures).\n")
+    if phi is not None:
+        out += index_section(phi)
     out += _sheets_section(sheets or [])
     notes = [(spec.get("title") or spec["table"], spec["notes"]) for spec, _ in tables.values()
              if spec.get("notes")]

@@ -4,7 +4,9 @@
 ``phi.md`` opens with one reading per diagnostic, computed from the numbers
 (``readings``), then the per-seed table of every comparison against its permutation null, the
 order-free statistics of every variant's phi and the failed seeds; ``phi.csv`` holds the same
-comparisons per seed and per tensor. How to read them: docs/phi-diagnostics.md.
+comparisons per seed and per tensor. How to read them: docs/phi-diagnostics.md. The report's
+index (``README.md``) shows the readings too (``index_section``) where the folder holds
+``results/phi.json``; ``artifacts`` lists what the records name, for ``cmkg runs gc``.
 """
 
 from __future__ import annotations
@@ -173,6 +175,51 @@ def readings(doc: dict) -> list[tuple[str, str]]:
     return out
 
 
+def reading_list(doc: dict) -> str:
+    """``readings`` as the Markdown list ``phi.md`` and the report's index show ("" when no
+    seed was measured)."""
+    return "".join(f"- **{label}**: {text}.\n" for label, text in readings(doc))
+
+
+def index_section(doc: dict) -> list[str]:
+    """The report index's section on the diagnostics (``cmkg.report.index``): what was run,
+    the readings of ``phi.md`` and links to ``phi.md`` and ``phi.csv``."""
+    records = doc.get("records") or []
+    failed = [r for r in records if r.get("status") != "done"]
+    out = ["## φ diagnostics\n",
+           "Does φ_META carry per-weight signal, and is it the teacher's? Per seed, Table 2's "
+           "meta stage against variants of it (another data order, disjoint halves of the data, "
+           f"no teacher), each comparison against its permutation null. Preset "
+           f"`{doc.get('preset', '—')}`; seeds {seeds(doc.get('seeds'))}; "
+           f"{len(records) - len(failed)} measured, {len(failed)} failed. Details: "
+           "[phi.md](phi.md), per tensor: [phi.csv](phi.csv); how to read them: "
+           "`docs/phi-diagnostics.md`.\n"]
+    if lines := reading_list(doc):
+        out.append(lines)
+    return out
+
+
+def artifacts(doc: dict) -> list[tuple[int, str, str, str]]:
+    """(seed, variant or "student", stage, key) of every artifact the records name: each
+    measured seed's ``artifacts`` holds the variants' meta stages (named as in ``variants``)
+    and the student they start from (``cmkg runs gc`` keeps them). A name that is neither is a
+    ``ValueError``."""
+    out = []
+    variants = set(doc.get("variants") or VARIANTS)
+    for r in doc.get("records") or []:
+        named = r.get("artifacts") or {}
+        if not isinstance(named, dict):
+            raise ValueError(f"seed {r.get('seed')}: artifacts is not a JSON object")
+        for name, key in sorted(named.items()):
+            if name != "student" and name not in variants:
+                raise ValueError(f"seed {r.get('seed')}: artifact {name!r} is neither a "
+                                 f"variant ({', '.join(sorted(variants))}) nor the student")
+            if key:
+                out.append((r.get("seed"), name, "student" if name == "student" else "meta",
+                            str(key)))
+    return out
+
+
 # ---------------------------------------------------------------- files
 
 def phi_markdown(doc: dict) -> str:
@@ -186,10 +233,9 @@ def phi_markdown(doc: dict) -> str:
            "docs/phi-diagnostics.md.\n",
            "Per seed, five meta stages of the same student and teacher:\n",
            "".join(f"- `{v}`: {d}\n" for v, d in _variants(doc))]
-    lines = readings(doc)
-    if lines:
+    if lines := reading_list(doc):
         out.append("## Reading\n")
-        out.append("".join(f"- **{label}**: {text}.\n" for label, text in lines))
+        out.append(lines)
     if done:
         out.append("## Per-weight agreement within one network\n")
         out.append("ρ: Spearman's rank correlation per regularised tensor, averaged over the "

@@ -8,6 +8,7 @@ from cmkg.atomic import atomic_path
 from cmkg.report.curves import learning_curves
 from cmkg.report.figures import figure4, figure5
 from cmkg.report.index import readme_markdown, sheets_present
+from cmkg.report.phi import read_phi, render_phi
 from cmkg.report.records import load_records
 from cmkg.report.tables import comparisons_csv, table_csv, table_markdown
 
@@ -19,8 +20,10 @@ def _write(path: Path, text: str) -> Path:
 
 
 def render_reports(results_dir: str | Path, out_dir: str | Path) -> list[Path]:
-    """Write ``out_dir``'s tables, figures and README from ``results_dir/*.parquet``; return the
-    paths written. The same records give the same bytes (the PNGs aside)."""
+    """Write ``out_dir``'s tables, figures and README from ``results_dir/*.parquet``, and
+    ``phi.md`` and ``phi.csv`` from ``results_dir/phi.json`` where it exists (the index then
+    shows the φ diagnostics); return the paths written. The same records give the same bytes
+    (the PNGs aside)."""
     tables = load_records(results_dir)
     out_dir = Path(out_dir)
     written: list[Path] = []
@@ -42,6 +45,10 @@ def render_reports(results_dir: str | Path, out_dir: str | Path) -> list[Path]:
         if panels:
             figures[name] = "; ".join(panels)
             written.append(out_dir / name)
+    phi = None
+    if (Path(results_dir) / "phi.json").is_file():  # cmkg phi, or cmkg reproduce's last step
+        phi = read_phi(results_dir)
+        written += render_phi(results_dir, out_dir)
     written.append(_write(out_dir / "README.md", readme_markdown(
-        tables, files, figures, sheets_present(tables, out_dir))))
+        tables, files, figures, sheets_present(tables, out_dir), phi)))
     return written
