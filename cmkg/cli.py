@@ -9,8 +9,10 @@
               [--time-budget SECONDS] [--address ADDR] [--cpus-per-worker N] [--gpus-per-worker G]
     cmkg ablate ABLATION.yaml... [CONFIG] [RESOURCES] [--seeds N] [--choice-seeds K] [--dry-run]
                 [--report DIR] [--force]
-    cmkg reproduce [same options]             # ablations/table{1,2,3}.yaml, then the report
+    cmkg reproduce [same options] [--phi-seeds N]   # ablations/table{1,2,3}.yaml, the phi
+                                              # diagnostics on seeds 0..N-1 (default 3), the report
     cmkg phi [CONFIG] [RESOURCES] [--seeds N] [--permutations K] [--report DIR] [--force]
+             [--dry-run]
     cmkg report [--report DIR] [--results DIR]    # tables and figures from the records only
     cmkg report tune SWEEP_DIR [--storage URL] [--report DIR]   # a sweep's summary from its study
     cmkg runs ls [--store DIR] [--stage S] [--where KEY=VALUE ...] [--seed N]
@@ -34,7 +36,9 @@ or in the trial.
 ``cmkg reproduce`` and ``cmkg ablate`` write their report and records into
 ``{store}/reports/{preset}`` unless ``--report`` names another folder; the committed
 ``reports/`` is written only when asked (``--report reports``), and records of another preset
-or other seeds are replaced only with ``--force``.
+or other seeds are replaced only with ``--force``. ``cmkg reproduce`` runs ``cmkg phi``'s
+diagnostics after the tables, into the same folder (``--phi-seeds N``, 0 skips them); its
+records of another preset or other seeds stop the run before the tables train, as theirs do.
 
 User errors (bad config, YAML, data, arguments) print one message naming the file and key and
 exit with status 2; nothing half-written is left behind.
@@ -122,6 +126,8 @@ def _add_phi_parser(sub) -> None:
                      "phi.md, phi.csv and results/phi.json go there")
     phi.add_argument("--force", action="store_true",
                      help="replace phi records of another preset or other seeds")
+    phi.add_argument("--dry-run", action="store_true",
+                     help="print the variants' stages, cached and to train; no training")
 
 
 def _add_data_parsers(sub) -> None:
@@ -180,9 +186,12 @@ def _add_training_parsers(sub) -> None:
     ablate.add_argument("ablation", nargs="+", help="ablation file(s), e.g. ablations/table2.yaml")
     _add_run_args(ablate)
     repro = sub.add_parser("reproduce", help="Tables 1-3 and Figures 4-5 (ablations/*.yaml), "
-                           "then the report")
+                           "then the phi diagnostics (cmkg phi), then the report")
     repro.add_argument("--ablations", default=None,
                        help="folder of the ablation files (default: ablations/ of this checkout)")
+    repro.add_argument("--phi-seeds", type=int, default=3, metavar="N",
+                       help="the phi diagnostics (cmkg phi) on seeds 0..N-1 after the tables, "
+                       "into the same report folder (default 3; 0: skip them)")
     _add_run_args(repro)
 
 
@@ -219,9 +228,9 @@ def _add_result_parsers(sub) -> None:
     show.add_argument("key", metavar="KEY", help="a folder name or a unique prefix of a key")
     diff = runs.add_parser("diff", help="two artifacts' differing config entries and metrics")
     diff.add_argument("keys", metavar="KEY", nargs=2, help="folder names or key prefixes")
-    gc = runs.add_parser("gc", help="remove the artifacts that no result record or sweep's "
-                         "best.yaml names (directly or as an input), and leftover .partial "
-                         "folders")
+    gc = runs.add_parser("gc", help="remove the artifacts that no result record, phi.json or "
+                         "sweep's best.yaml names (directly or as an input), and leftover "
+                         ".partial folders")
     gc.add_argument("--dry-run", action="store_true", help="print what would be removed")
     for p in (show, diff, gc):
         p.add_argument("--store", help="artifact store (default: the config's run.store, runs)")
@@ -409,16 +418,52 @@ def _ablation_files(args) -> list[str]:
 
 
 def _cmd_ablate(args) -> int:
+    """ablate, reproduce: the tables; reproduce then the phi diagnostics (``_phi_step``)."""
     from cmkg import ablation
 
     _check_resources(args)
     overrides = _overrides(args)
-    return ablation.run(_ablation_files(args), args.config, overrides, seeds=args.seeds,
-                        choice_seeds=args.choice_seeds,
-                        dry=args.dry_run, report_dir=args.report or _default_report(
-                            args.config, overrides), force=args.force, address=args.address,
-                        cpus_per_worker=args.cpus_per_worker,
-                        gpus_per_worker=args.gpus_per_worker, workers=args.workers)
+    phi_seeds = getattr(args, "phi_seeds", 0)  # reproduce only
+    if phi_seeds < 0:
+        raise UserError(f"--phi-seeds must be >= 0 (0 skips the phi diagnostics), got "
+                        f"{phi_seeds}")
+    files = _ablation_files(args)
+    report_dir = args.report or _default_report(args.config, overrides)
+    if phi_seeds:  # its checks and overwrite guard before the tables train anything
+        _phi_step(args, overrides, report_dir, check_only=True)
+    status = ablation.run(files, args.config, overrides, seeds=args.seeds,
+                          choice_seeds=args.choice_seeds, dry=args.dry_run,
+                          report_dir=report_dir, force=args.force, address=args.address,
+                          cpus_per_worker=args.cpus_per_worker,
+                          gpus_per_worker=args.gpus_per_worker, workers=args.workers)
+    if phi_seeds:
+        status = max(status, _phi_step(args, overrides, report_dir))
+    return status
+
+
+def _phi_step(args, overrides: list[str], report_dir: str, check_only: bool = False) -> int:
+    """``cmkg reproduce``'s phi diagnostics: ``cmkg phi`` on seeds 0..--phi-seeds-1 with the
+    tables' config, store, resources, report folder and --force (``check_only``: only its
+    checks, ``phi.preflight``). Its errors say how to skip it."""
+    from cmkg.ablation import phi
+
+    try:
+        if check_only:
+            phi.preflight(args.config, overrides, seeds=args.phi_seeds, report_dir=report_dir,
+                          force=args.force, workers=args.workers)
+            return 0
+        if args.dry_run:
+            print("then the phi diagnostics (--phi-seeds), their stages as the store holds them "
+                  "now: those the tables plan too (on the seeds both use: Table 2's meta stage, "
+                  "the teacher, the student) are trained by the tables first")
+        return phi.run(args.config, overrides, seeds=args.phi_seeds, report_dir=report_dir,
+                       force=args.force, address=args.address,
+                       cpus_per_worker=args.cpus_per_worker,
+                       gpus_per_worker=args.gpus_per_worker, workers=args.workers,
+                       dry=args.dry_run)
+    except UserError as e:
+        raise UserError(f"{e} (the phi diagnostics of cmkg reproduce; --phi-seeds 0 skips "
+                        "them)") from e
 
 
 def _default_report(config_name: str | None, overrides: list[str]) -> str:
@@ -440,7 +485,7 @@ def _cmd_phi(args) -> int:
                report_dir=args.report or _default_report(args.config, overrides),
                force=args.force, permutations=args.permutations, address=args.address,
                cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
-               workers=args.workers)
+               workers=args.workers, dry=args.dry_run)
 
 
 def _cmd_report(args) -> int:

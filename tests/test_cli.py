@@ -1,6 +1,8 @@
 """The CLI's promises about where results go: a bare reproduce or ablate never touches the
-committed reports/, and replacing records of another run needs --force."""
+committed reports/, and replacing records of another run needs --force; reproduce's last step,
+the phi diagnostics (--phi-seeds)."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -47,6 +49,87 @@ def test_bare_reproduce_writes_beside_its_store_not_into_reports(tmp_path, monke
         "table1.parquet", "table2.parquet", "table3.parquet"]
     assert (written / "README.md").is_file()
     assert _snapshot(REPORTS) == before
+    # then the phi diagnostics (default --phi-seeds 3) into the same folder: their stages went
+    # to the executor after the tables' (per seed a teacher, a student, five meta stages), each
+    # seed is recorded as failed, and the index links them
+    assert len(no_training) >= 2 and no_training[-1] == 3 * 7
+    doc = json.loads((written / "results" / "phi.json").read_text())
+    assert doc["seeds"] == [0, 1, 2] and [r["status"] for r in doc["records"]] == ["failed"] * 3
+    assert (store / "_results" / "smoke" / "phi.json").read_text() == \
+        (written / "results" / "phi.json").read_text()  # the store's copy, for cmkg runs gc
+    readme = (written / "README.md").read_text(encoding="utf-8")
+    assert "## φ diagnostics" in readme and "0 measured, 3 failed" in readme
+    assert "[phi.md](phi.md)" in readme and (written / "phi.md").is_file()
+
+
+@pytest.fixture
+def stubbed(monkeypatch):
+    """The tables' runner and the phi run replaced by stubs that record their calls (in order)
+    and return the status given in ``status``; phi's checks (``preflight``) stay real."""
+    from cmkg import ablation
+    from cmkg.ablation import phi
+
+    calls, status = [], {"tables": 0, "phi": 0}
+    real = phi.preflight
+
+    def preflight(*args, **kwargs):
+        calls.append(("preflight", kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ablation, "run", lambda *a, **kw: calls.append(("tables", kw))
+                        or status["tables"])
+    monkeypatch.setattr(phi, "run", lambda *a, **kw: calls.append(("phi", kw)) or status["phi"])
+    monkeypatch.setattr(phi, "preflight", preflight)
+    return calls, status
+
+
+def test_reproduce_runs_the_phi_diagnostics_after_the_tables(tmp_path, capsys, stubbed):
+    calls, status = stubbed
+    common = ["--store", str(tmp_path / "runs"), "--report", str(tmp_path / "rep"),
+              "--address", "head:6379", "--cpus-per-worker", "3"]
+    assert cli.main(["reproduce", *common]) == 0
+    assert [c for c, _ in calls] == ["preflight", "tables", "phi"]  # checked before the tables
+    phi = calls[-1][1]
+    assert (phi["seeds"], phi["report_dir"], phi["address"], phi["cpus_per_worker"],
+            phi["force"], phi["dry"]) == (3, str(tmp_path / "rep"), "head:6379", 3, False, False)
+    assert phi["report_dir"] == calls[1][1]["report_dir"]
+    calls.clear()
+    assert cli.main(["reproduce", *common, "--phi-seeds", "2", "--dry-run", "--force"]) == 0
+    assert [c for c, _ in calls] == ["preflight", "tables", "phi"]
+    assert (calls[-1][1]["seeds"], calls[-1][1]["dry"], calls[-1][1]["force"]) == (2, True, True)
+    calls.clear()
+    assert cli.main(["reproduce", *common, "--phi-seeds", "0"]) == 0  # 0 skips them
+    assert [c for c, _ in calls] == ["tables"]
+    calls.clear()
+    status["phi"] = 1  # a seed not measured fails the command, as a failed cell does
+    assert cli.main(["reproduce", *common]) == 1
+    calls.clear()
+    capsys.readouterr()
+    assert cli.main(["reproduce", *common, "--phi-seeds", "-1"]) == 2
+    assert "--phi-seeds must be >= 0" in capsys.readouterr().err and calls == []
+    with pytest.raises(SystemExit) as e:  # ablate has no phi step
+        cli.main(["ablate", "ablations/table2.yaml", "--phi-seeds", "1"])
+    assert e.value.code == 2
+
+
+def test_reproduce_does_not_replace_phi_records_of_other_seeds(tmp_path, capsys, stubbed):
+    """phi.json of other seeds stops reproduce before the tables run, as theirs do; --force
+    or the same seeds go on."""
+    from cmkg.ablation import phi
+
+    calls, _ = stubbed
+    rep = tmp_path / "rep"
+    phi.write_phi(rep / "results" / "phi.json", preset="smoke", seeds=[0, 1], permutations=100,
+                  records=[])
+    argv = ["reproduce", "--store", str(tmp_path / "runs"), "--report", str(rep)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "phi.json holds the phi records of preset 'smoke', seeds [0, 1]" in err
+    assert "--phi-seeds 0 skips them" in err and [c for c, _ in calls] == ["preflight"]
+    calls.clear()
+    assert cli.main([*argv, "--phi-seeds", "2"]) == 0  # the same seeds: a refresh
+    assert cli.main([*argv, "--force"]) == 0
+    assert [c for c, _ in calls] == ["preflight", "tables", "phi"] * 2
 
 
 def test_the_readme_example_cannot_replace_the_committed_records(tmp_path, capsys):

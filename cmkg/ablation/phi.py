@@ -17,8 +17,11 @@ executor the ablation runner uses (Ray tasks, or Ray Train with ``--workers``); 
 each a size-weighted Spearman rho over the regularised tensors against its within-tensor
 permutation null, over the weights L_REG reaches (``phi_stats.live_weights``: a Fisher diagonal
 above 0), plus the order-free statistics of every variant's phi. The records go to
-``{report}/results/phi.json`` (``write_phi``) and the report (``{report}/phi.md``, ``phi.csv``)
-is rendered from them alone (``cmkg.report.phi``).
+``{report}/results/phi.json`` (``write_phi``; a copy to ``{store}/_results/{preset}/``, which
+``cmkg runs gc`` reads) and the report (``{report}/phi.md``, ``phi.csv``, and the index's
+section where the folder holds the tables too) is rendered from them alone
+(``cmkg.report.phi``). ``cmkg reproduce`` runs this after its tables (``--phi-seeds``), having
+run ``preflight``, every check, before them.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import torch
 from cmkg import config as config_mod
 from cmkg import phi_stats, stages
 from cmkg.ablation.cells import preset_of
-from cmkg.ablation.runner import _cached, _progress, _render_datasets
+from cmkg.ablation.runner import _cached, _progress, _render_datasets, stage_listing
 from cmkg.atomic import write_json
 from cmkg.console import duration, say
 from cmkg.data import HandDataset
@@ -44,6 +47,7 @@ from cmkg.data.dataset import prepare_batch
 from cmkg.errors import ConfigError, DataError, UserError
 from cmkg.regularizers import WEIGHTED
 from cmkg.report.phi import COMPARISONS, KIND, VERSION, phi_markdown, render_phi
+from cmkg.report.records import load_records
 
 ORDER_OFFSET = 1000  # the order variant's meta.order_seed = seed + ORDER_OFFSET
 FISHER_BATCHES = 8  # fixed training batches of the Fisher diagonal
@@ -181,17 +185,13 @@ def write_phi(path: Path, *, preset: str | None, seeds: list[int], permutations:
     return path
 
 
-def run(base: str | None, overrides: list[str], *, seeds: int = 3,
-        report_dir: str | Path, force: bool = False,
-        permutations: int = phi_stats.PERMUTATIONS, address: str | None = None,
-        cpus_per_worker: int = 1, gpus_per_worker: float = 0.0, workers: int = 0,
-        execute=None) -> int:
-    """Plan the variants of every seed, train what the store lacks through ``execute(nodes,
-    on_done)`` (default: the ablation runner's Ray executor with these resources), compute each
-    seed's diagnostics, write ``{report_dir}/results/phi.json`` and render ``phi.md`` and
-    ``phi.csv`` from it. Returns 1 if a seed could not be measured (a variant failed), else 0.
-    Records of another preset or other seeds stop the run before anything is trained, unless
-    ``force``."""
+def preflight(base: str | None, overrides: list[str], *, seeds: int, report_dir: str | Path,
+              force: bool = False, permutations: int = phi_stats.PERMUTATIONS,
+              workers: int = 0) -> tuple[config_mod.Config, list[int], str | None, Path]:
+    """Every check of a run before anything is planned or trained: the arguments, the base
+    config (``base_config``) and, unless ``force``, the records already in
+    ``{report_dir}/results/phi.json`` (``check_overwrite``). Returns (the base config, the
+    seeds, the preset, the records file). ``cmkg reproduce`` calls it before its tables."""
     if seeds < 1:
         raise UserError(f"--seeds must be >= 1, got {seeds}")
     if permutations < 20:
@@ -202,13 +202,53 @@ def run(base: str | None, overrides: list[str], *, seeds: int = 3,
     cfg = base_config(base, overrides)
     seed_list = list(range(seeds))
     preset = preset_of(base)
-    out = Path(report_dir)
-    path = out / "results" / "phi.json"
+    path = Path(report_dir) / "results" / "phi.json"
     if not force:
         check_overwrite(path, preset, seed_list)
+    return cfg, seed_list, preset, path
+
+
+def dry_run(plans: dict[int, dict[str, list]], store: stages.Store) -> str:
+    """Per seed, each variant's meta stage, cached or to train; then every stage the variants
+    need (their students and teachers too) and the work to train, as the tables' dry run
+    lists them (``runner.stage_listing``); trains nothing."""
+    nodes = _union(plans)
+    found = {n.id: store.get(n.stage, n.key) for n in nodes}
+    lines = [f"phi diagnostics: {len(plans)} seed(s) x {len(VARIANTS)} meta variants "
+             f"({', '.join(VARIANTS)}); full is Table 2's meta stage"]
+    for seed, by_variant in plans.items():
+        for v, ns in by_variant.items():
+            state = "cached" if found[ns[-1].id] is not None else "to train"
+            lines.append(f"  seed {seed}  {v:10s}  meta {ns[-1].key[:12]}  {state}")
+    listing, estimate = stage_listing(nodes, found)
+    n_cached = sum(a is not None for a in found.values())
+    return "\n".join([*lines, "stages:", *listing, f"{len(nodes)} stages: {n_cached} cached, "
+                      f"{len(nodes) - n_cached} to train", *estimate])
+
+
+def run(base: str | None, overrides: list[str], *, seeds: int = 3,
+        report_dir: str | Path, force: bool = False,
+        permutations: int = phi_stats.PERMUTATIONS, address: str | None = None,
+        cpus_per_worker: int = 1, gpus_per_worker: float = 0.0, workers: int = 0,
+        dry: bool = False, execute=None) -> int:
+    """Plan the variants of every seed, train what the store lacks through ``execute(nodes,
+    on_done)`` (default: the ablation runner's Ray executor with these resources), compute each
+    seed's diagnostics, write ``{report_dir}/results/phi.json`` (and a copy in the store's
+    ``_results/{preset}/``, where ``cmkg runs gc`` finds it as it finds the tables' records),
+    render ``phi.md`` and ``phi.csv`` from it, and, when the folder holds the tables' records,
+    the index (``README.md``) again. Returns 1 if a seed could not be measured (a variant
+    failed), else 0. Records of another preset or other seeds stop the run before anything is
+    trained (``preflight``), unless ``force``. ``dry``: print ``dry_run`` and train nothing."""
+    cfg, seed_list, preset, path = preflight(base, overrides, seeds=seeds, report_dir=report_dir,
+                                             force=force, permutations=permutations,
+                                             workers=workers)
+    out = Path(report_dir)
     plans = plan_variants(cfg, seed_list)
     nodes = _union(plans)
     store = stages.Store.of(cfg)
+    if dry:
+        print(dry_run(plans, store))
+        return 0
     done = _cached(nodes, store)
     todo = sorted((n for n in nodes if n.id not in done), key=lambda n: n.cfg.run.seed)
     say(f"cmkg phi: {len(seed_list)} seed(s) x {len(VARIANTS)} meta variants; {len(nodes)} "
@@ -238,10 +278,29 @@ def run(base: str | None, overrides: list[str], *, seeds: int = 3,
         say(f"cmkg phi: seed {seed}: {permutations} permutations per comparison")
         records.append(seed_record(seed, arts, student, variant_config(cfg, seed, "full"),
                                    permutations))
-    write_phi(path, preset=preset, seeds=seed_list, permutations=permutations, records=records)
-    render_phi(path.parent, out)
+    for target in (store.root / "_results" / (preset or "custom") / "phi.json", path):
+        write_phi(target, preset=preset, seeds=seed_list, permutations=permutations,
+                  records=records)
+    _render(path.parent, out)
     print(phi_markdown(read_json(path)))
     n_failed = sum(r["status"] != "done" for r in records)
     say(f"cmkg phi: {len(records) - n_failed} of {len(records)} seed(s) measured in "
         f"{duration(time.time() - started)}; report: {out / 'phi.md'}, {out / 'phi.csv'}")
     return 1 if n_failed else 0
+
+
+def _render(results: Path, out: Path) -> None:
+    """``phi.md`` and ``phi.csv``; and the whole report again (its index shows the diagnostics)
+    where ``results`` holds the tables' records too. Records of the tables that cannot be read
+    leave the index as it was, with a warning: the phi files are written either way."""
+    render_phi(results, out)
+    if not any(p.suffix == ".parquet" and not p.name.startswith(".") for p in results.iterdir()):
+        return
+    from cmkg.report import render_reports
+
+    try:
+        load_records(results)  # fail here, before any file is rewritten
+    except DataError as e:
+        say(f"cmkg phi: the report's index was not updated: {e}")
+        return
+    render_reports(results, out)

@@ -33,7 +33,7 @@ from cmkg.ablation.cells import (
     work,
 )
 from cmkg.ablation.results import data_sheets, record, table_spec, write_sheets
-from cmkg.ablation.spec import Ablation, load
+from cmkg.ablation.spec import Ablation, at_preset, load
 from cmkg.console import duration, say
 from cmkg.errors import DataError, UserError
 
@@ -77,30 +77,38 @@ def dry_run(abs_cells: list[tuple[Ablation, list[Cell]]], store: stages.Store) -
                 mark += " if chosen"
             lines.append(f"  {row!r:28s} {c.column:12s} seed {c.seed}  "
                          f"{c.node.stage} {c.node.key[:12]}  {mark}")
-    lines.append("stages:")
+    listing, estimate = stage_listing(nodes, found)
+    lines += ["stages:", *listing, status_line(all_cells, nodes, cached), *estimate]
+    return "\n".join(lines)
+
+
+def stage_listing(nodes: list[stages.Node], found: dict) -> tuple[list[str], list[str]]:
+    """A dry run's lines for ``nodes`` (``found``: node id -> its cached artifact or None): one
+    per stage, cached or to train; and the work to train, estimated at the cached stages' rate
+    (empty when everything is cached)."""
+    lines = []
     by_kind: dict[str, list[float]] = {}
     rates = []
     for n in nodes:
         w = work(n)
-        state = "cached" if n.id in cached else "to train"
+        art = found.get(n.id)
         lines.append(f"  {n.stage:8s} {n.key[:12]}  {n.spec['arch']:9s} "
-                     f"{n.spec['epochs']:4d} epochs  {state}")
-        if n.id in cached:
-            dur = found[n.id].meta.get("duration_s")
+                     f"{n.spec['epochs']:4d} epochs  {'cached' if art is not None else 'to train'}")
+        if art is not None:
+            dur = art.meta.get("duration_s")
             if dur:
                 rates.append(dur / w)
         else:
             by_kind.setdefault(n.stage, []).append(w)
     total = sum(sum(v) for v in by_kind.values())
-    kinds = ", ".join(f"{k} {len(v)}" for k, v in by_kind.items()) or "nothing"
-    lines.append(status_line(all_cells, nodes, cached))
-    if total:
-        est = (f"about {duration(total * float(np.median(rates)))} of training, summed over "
-               f"stages, at the rate of the {len(rates)} cached stage(s)" if rates
-               else "no finished stage in the store to estimate a rate from")
-        lines.append(f"to train: {kinds}; {total / 1e6:.2f} M sample-epochs (64 px resnet10 "
-                     f"equivalents), {est}")
-    return "\n".join(lines)
+    if not total:
+        return lines, []
+    kinds = ", ".join(f"{k} {len(v)}" for k, v in by_kind.items())
+    est = (f"about {duration(total * float(np.median(rates)))} of training, summed over "
+           f"stages, at the rate of the {len(rates)} cached stage(s)" if rates
+           else "no finished stage in the store to estimate a rate from")
+    return lines, [f"to train: {kinds}; {total / 1e6:.2f} M sample-epochs (64 px resnet10 "
+                   f"equivalents), {est}"]
 
 
 def check_overwrite(results: Path, cells_of: list[tuple[Ablation, list[Cell]]],
@@ -269,7 +277,7 @@ def run(paths: list[str], base_config: str | None, overrides: list[str], *,
 
     With the records it writes a contact sheet of each dataset the cells read into
     ``{report_dir}/data/`` (``results.write_sheets``), which the index links."""
-    abls = [load(p) for p in paths]
+    abls = [at_preset(load(p), preset_of(base_config)) for p in paths]  # rows this preset runs
     names = [a.table for a in abls]
     if len(set(names)) != len(names):
         raise UserError(f"two ablation files define the same table: {names}")
