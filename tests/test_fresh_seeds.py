@@ -200,6 +200,10 @@ def test_dry_run_and_cli_flag(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "x 1 seeds (2; choices on seeds 0-1)" in out
     assert out.count("chooses") == 4 and out.count("if chosen") == 2
+    # both values are listed on the report seed, but only the chosen one will train
+    assert "to train: target 7;" in out
+    assert ("of which trained once the choices are made (one value per choose row, column and "
+            "report seed): target 6;") in out
     assert cli.main(args[:-2 * len(_sets(tmp_path))] + ["--choice-seeds", "-1"]) == 2
 
 

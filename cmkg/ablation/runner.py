@@ -79,6 +79,22 @@ def dry_run(abs_cells: list[tuple[Ablation, list[Cell]]], store: stages.Store) -
                          f"{c.node.stage} {c.node.key[:12]}  {mark}")
     listing, estimate = stage_listing(nodes, found)
     lines += ["stages:", *listing, status_line(all_cells, nodes, cached), *estimate]
+    # the report cells of a choice still to be made are listed for every value, but only the
+    # chosen one trains: the work once one value per row, column and seed is left
+    one, kept = set(), []
+    for ab, cells in abs_cells:
+        pending = later[ab.table] - set(chosen[ab.table])
+        for c in cells:
+            if not c.choosing and (c.row, c.column) in pending:
+                if (ab.table, c.row, c.column, c.seed) in one:
+                    continue
+                one.add((ab.table, c.row, c.column, c.seed))
+            kept.append(c)
+    if len(kept) < len(all_cells) and estimate:
+        _, after = stage_listing(union(kept), found)
+        lines.append("of which trained once the choices are made (one value per choose row, "
+                     "column and report seed): " + (after[0][len("to train: "):] if after
+                                                     else "nothing"))
     return "\n".join(lines)
 
 
