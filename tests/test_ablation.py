@@ -47,15 +47,17 @@ def test_shipped_files_load_and_expand(tmp_path):
     # beta); 3 choose rows over 6 + 6 + 6 = 18 values (l2's sigma, the learned prior's strength
     # as learned and with phi >= 0), each value on the 3 choice seeds; 4 controls following the
     # strength row's choice (6 values, report seeds only). The dry expansion lists every value
-    # on the report seeds (the runner trains only the chosen one there).
-    assert len(cells["table2"]) == 18 * 3 + (8 + 18 + 4 * 6) * 3
+    # on the report seeds (the runner trains only the chosen one there). 2 tuned rows at cpu:
+    # the best trials of the l2 and prior sweeps (reports/sweeps), on the report seeds.
+    assert len(cells["table2"]) == 18 * 3 + (8 + 18 + 4 * 6 + 2) * 3
     assert {c.seed for c in cells["table2"] if c.choosing} == {0, 1, 2}
     assert {c.seed for c in cells["table2"] if not c.choosing} == {3, 4, 5}
     # per seed one teacher and student; phi: free weighted l2 on every seed (a choose row),
     # weighted l1 and the teacher-free meta on the report seeds only; sigma 1e-5 and 1e-3 are
-    # the paper rows' targets on the report seeds
+    # the paper rows' targets on the report seeds; the tuned prior's meta settings are the
+    # paper's (its sweep's best trial), so it shares their phi
     assert _stages(ablation.union(cells["table2"])) == {
-        "teacher": 6, "student": 6, "meta": 6 + 3 + 3, "target": 204 - 2 * 3}
+        "teacher": 6, "student": 6, "meta": 6 + 3 + 3, "target": 210 - 2 * 3}
     assert len(cells["table3"]) == 5 * 3 * 3
     assert _stages(ablation.union(cells["table3"])) == {
         "teacher": 3, "student": 3, "meta": 3, "target": 45}
@@ -63,7 +65,7 @@ def test_shipped_files_load_and_expand(tmp_path):
     # Tables 2 and 3 train on Table 1's row-2 teacher and student where seeds meet (0-2); Table
     # 3's stb row meets Table 2's choosing l2 sigma 1e-5 cells on seeds 0-2
     assert _stages(every) == {"teacher": 9 + 6 - 3, "student": 18 + 6 - 3, "kd": 12,
-                              "meta": 12, "target": 198 + 45 - 3}
+                              "meta": 12, "target": 204 + 45 - 3}
     # one seed reseeds the whole chain: a weighted target's phi comes from its own seed, but
     # for the other-seed control, whose phi is another seed's
     for c in cells["table2"]:
@@ -82,9 +84,10 @@ def test_comparisons_and_paper_deltas():
     assert by[(paper_beta, ("l2 σ=1e-5", "target"), "epe_mm")] == pytest.approx(-3.84)
     strength = ("weighted l2 (strength chosen on val, ours)", "target")
     assert by[(strength, ("l2 (σ chosen on val, ours)", "target"), "epe_mm")] is None
-    # the 14 other rows vs none; 8 pairs: the paper's 2, the strength rows against the chosen
-    # l2, and the learned strength row against each of its 4 controls; two metrics each
-    assert len(ab.comparisons) == 14 * 2 + 8 * 2
+    # the 16 other rows vs none; 9 pairs: the paper's 2, the strength rows against the chosen
+    # l2, the learned strength row against each of its 4 controls, and the tuned prior against
+    # the tuned l2; two metrics each
+    assert len(ab.comparisons) == 16 * 2 + 9 * 2
     t1 = ablation.load(ROOT / "ablations" / "table1.yaml")
     kd_rgb = [c for c in t1.comparisons if c["a"][1] == "kd" and c["b"][1] == "rgb"]
     assert [c["paper_delta"] for c in kd_rgb] == pytest.approx([-1.27, -2.49, -2.18, -2.68])
