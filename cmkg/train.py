@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from cmkg.config import averaged_epochs
+from cmkg.config import KEEP, averaged_epochs
 from cmkg.data.dataset import prepare_batch
 from cmkg.diagnostics import describe
 from cmkg.errors import NumericalError
@@ -194,9 +194,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)  # DDP keeps the real module here
 
 
-KEEPS = ("best_val", "final", "average")  # fit's keep (cmkg.config.KEEP)
-
-
 def _accumulate(state: FitState, model: nn.Module, epoch: int) -> None:
     """Add the model's floating state (parameters, BatchNorm running mean and var) to the
     running sum of ``keep="average"``, in float64 on the CPU."""
@@ -279,8 +276,8 @@ def fit(model: nn.Module, loss_fn: LossFn | None, loader, optimizer: torch.optim
     summed on the device and read back every ``check_every`` steps, where a non-finite value
     stops the run with :class:`NumericalError`.
     """
-    if keep not in KEEPS:
-        raise ValueError(f"keep must be one of {', '.join(KEEPS)}, got {keep!r}")
+    if keep not in KEEP:
+        raise ValueError(f"keep must be one of {', '.join(KEEP)}, got {keep!r}")
     n_average = averaged_epochs(average_epochs, epochs)
     if keep == "average" and not 1 <= n_average <= epochs:
         raise ValueError(f"average_epochs must be 0 (the last half) or in 1..{epochs} (the "

@@ -47,7 +47,6 @@ from cmkg.data.dataset import prepare_batch
 from cmkg.errors import ConfigError, DataError, UserError
 from cmkg.regularizers import WEIGHTED
 from cmkg.report.phi import COMPARISONS, KIND, VERSION, phi_markdown, render_phi
-from cmkg.report.records import load_records
 
 ORDER_OFFSET = 1000  # the order variant's meta.order_seed = seed + ORDER_OFFSET
 FISHER_BATCHES = 8  # fixed training batches of the Fisher diagonal
@@ -290,17 +289,16 @@ def run(base: str | None, overrides: list[str], *, seeds: int = 3,
 
 
 def _render(results: Path, out: Path) -> None:
-    """``phi.md`` and ``phi.csv``; and the whole report again (its index shows the diagnostics)
-    where ``results`` holds the tables' records too. Records of the tables that cannot be read
+    """``phi.md`` and ``phi.csv``; where ``results`` holds the tables' records too, through the
+    whole report (its index shows the diagnostics). Records of the tables that cannot be read
     leave the index as it was, with a warning: the phi files are written either way."""
-    render_phi(results, out)
     if not any(p.suffix == ".parquet" and not p.name.startswith(".") for p in results.iterdir()):
+        render_phi(results, out)
         return
     from cmkg.report import render_reports
 
     try:
-        load_records(results)  # fail here, before any file is rewritten
+        render_reports(results, out)  # reads every table's records before it writes a file
     except DataError as e:
         say(f"cmkg phi: the report's index was not updated: {e}")
-        return
-    render_reports(results, out)
+        render_phi(results, out)

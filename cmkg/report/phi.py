@@ -56,10 +56,10 @@ def read_phi(results_dir: str | Path) -> dict:
     return doc
 
 
-def render_phi(results_dir: str | Path, out_dir: str | Path) -> list[Path]:
-    """Write ``out_dir/phi.md`` and ``phi.csv`` from ``results_dir/phi.json``; the same records
-    give the same bytes."""
-    doc = read_phi(results_dir)
+def render_phi(results_dir: str | Path, out_dir: str | Path, doc: dict | None = None) -> list[Path]:
+    """Write ``out_dir/phi.md`` and ``phi.csv`` from ``results_dir/phi.json`` (``doc``: its
+    records already read by ``read_phi``); the same records give the same bytes."""
+    doc = read_phi(results_dir) if doc is None else doc
     written = []
     for name, text in (("phi.md", phi_markdown(doc)), ("phi.csv", phi_csv(doc))):
         path = Path(out_dir) / name

@@ -48,7 +48,7 @@ def render_reports(results_dir: str | Path, out_dir: str | Path) -> list[Path]:
     phi = None
     if (Path(results_dir) / "phi.json").is_file():  # cmkg phi, or cmkg reproduce's last step
         phi = read_phi(results_dir)
-        written += render_phi(results_dir, out_dir)
+        written += render_phi(results_dir, out_dir, phi)
     written.append(_write(out_dir / "README.md", readme_markdown(
         tables, files, figures, sheets_present(tables, out_dir), phi)))
     return written
