@@ -121,6 +121,9 @@ def test_keys_unchanged_at_defaults_and_different_when_set(tiny_cfg):
     assert not {"strength", "sign", "phi_control", "prior_seed"} & set(spec["regularizer"])
     explicit = _with(base, regularizer={"strength": None, "sign": "learned", "phi_control": "none"})
     assert stages.stage_key("target", explicit)[0] == stages.stage_key("target", base)[0]
+    # strength 1 is phi_META as learned: a sweep's best trial at 1 is the paper's row's stage
+    assert stages.stage_key("target", _with(base, regularizer={"strength": 1.0}))[0] == \
+        stages.stage_key("target", base)[0]
     variants = [{"strength": 1e6}, {"strength": 1e7}, {"sign": "positive"},
                 {"phi_control": "permuted"}, {"phi_control": "uniform"},
                 {"phi_control": "other_seed"}, {"phi_control": "other_seed", "prior_seed": 4}]

@@ -114,9 +114,12 @@ def _meta(cfg: Config) -> dict:
 def _applied_prior(cfg: Config) -> dict:
     """How the target applies phi_META (strength, sign, control; ``regularizers.applied``):
     each entry only where it differs from its default (the paper's phi as learned), so the keys
-    of the runs from before these settings existed stay what they were."""
+    of the runs from before these settings existed stay what they were. A strength of 1 is the
+    default written out (phi_META times 1, bit for bit): a sweep's best trial at strength 1
+    names the same stage as the paper's row."""
     r = cfg.regularizer
-    out = {k: v for k, v, default in (("strength", r.strength, None), ("sign", r.sign, "learned"),
+    strength = None if r.strength == 1 else r.strength
+    out = {k: v for k, v, default in (("strength", strength, None), ("sign", r.sign, "learned"),
                                       ("phi_control", r.phi_control, "none")) if v != default}
     if r.phi_control == "other_seed":
         out["prior_seed"] = prior_seed(cfg)
