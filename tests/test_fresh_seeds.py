@@ -303,3 +303,14 @@ def test_tuned_row_reads_the_summary_with_set_and_seeds(tmp_path):
     assert got == {(3, "l2", 0.1), (4, "l2", 0.1)}
     with pytest.raises(ConfigError, match=r"overlap them at \[2\]"):
         ablation.expand(ab, "smoke", _sets(tmp_path), seeds=2, choice_seeds=2)
+
+
+def test_a_choice_at_the_grids_end_says_the_optimum_is_not_bracketed():
+    from cmkg.ablation.cells import _edge_note
+    grid = [1.0e4, 1.0e5, 1.0e6]
+    assert "largest value of the grid" in _edge_note(grid, 1.0e6)
+    assert "above it may do better" in _edge_note(grid, 1.0e6)
+    assert "smallest value of the grid" in _edge_note(grid, 1.0e4)
+    assert _edge_note(grid, 1.0e5) == ""  # bracketed: worse on both sides
+    assert _edge_note([1.0e-5, 1.0e-2], 1.0e-2) == ""  # two values bracket nothing to say
+    assert _edge_note(["learned", "positive", "none"], "none") == ""  # not an ordered grid

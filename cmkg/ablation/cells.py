@@ -334,6 +334,18 @@ def _follow_one(row: Row, lead: Row, group: list[Cell], lead_pick: dict,
     return {**lead_pick, "follows": lead.label, "own_val_epe_mm": own}, note
 
 
+def _edge_note(finished: list, best) -> str:
+    """What the note adds when the chosen value is the smallest or the largest of 3 or more
+    numeric values that finished: the grid does not bracket validation's optimum on that side,
+    so a value beyond it may do better (widen the grid)."""
+    numbers = [v for v in finished if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if len(numbers) < 3 or len(numbers) != len(finished) or best not in (min(numbers), max(numbers)):
+        return ""
+    side, beyond = ("smallest", "below") if best == min(numbers) else ("largest", "above")
+    return (f"; the {side} value of the grid: validation's optimum is not bracketed, a value "
+            f"{beyond} it may do better (widen the grid)")
+
+
 def _choose_one(row: Row, group: list[Cell], done: dict) -> tuple[dict, str]:
     """The value chosen for one (row, column) and the note saying so: by the choosing cells
     (those on choice seeds where there are, else every cell). When no value finished on every
@@ -368,5 +380,6 @@ def _choose_one(row: Row, group: list[Cell], done: dict) -> tuple[dict, str]:
     else:
         note = (f"{row.label}: {key} = {value_text(best)}, chosen on the validation split (mean "
                 f"best val EPE over {seeds} seeds: {vals})")
+    note += _edge_note([v for v, _ in means.values()], best)
     return {"key": key, "value": best, "val_epe_mm": {k: m for k, (_, m) in means.items()},
             "test_epe_mm": tests}, note
