@@ -32,9 +32,13 @@ def test_committed_records_name_the_keys_the_plan_computes():
         table = records[0]["table"]
         (preset,) = {r["preset"] for r in records}
         ab = ablation.load(FROZEN_FILES.get(table, ROOT / "ablations" / f"{table}.yaml"))
-        seeds = 1 + max(r["seed"] for r in records)
-        # the committed run chose on its reporting seeds (no choice seeds)
-        cells = ablation.expand(ab, FROZEN.get(preset, preset), [], seeds=seeds, choice_seeds=0)
+        # the report seeds follow the choice seeds that chose the records' values (none where a
+        # run chose on its report seeds, as the first cpu run did)
+        report = sorted({r["seed"] for r in records})
+        choice = sorted({s for r in records for s in (r.get("choice_seeds") or [])} - set(report))
+        assert report == list(range(len(choice), len(choice) + len(report))), (path.name, report)
+        cells = ablation.expand(ab, FROZEN.get(preset, preset), [], seeds=len(report),
+                                choice_seeds=len(choice))
         planned: dict[tuple, list[dict]] = {}
         for c in cells:
             planned.setdefault((c.row, c.column, c.seed), []).append(
