@@ -53,6 +53,7 @@ from cmkg.data.dataset import prepare_batch
 from cmkg.meta import objective_g
 
 STRONG = 0.1  # |D| above this: R shapes the weight over the run (docs/prior-strength.md)
+INERT = 0.01  # median |D| below this: R moves the typical weight by under 1 % over the run
 
 
 # ---------------------------------------------------------------------------------------------

@@ -314,3 +314,9 @@ def test_a_choice_at_the_grids_end_says_the_optimum_is_not_bracketed():
     assert _edge_note(grid, 1.0e5) == ""  # bracketed: worse on both sides
     assert _edge_note([1.0e-5, 1.0e-2], 1.0e-2) == ""  # two values bracket nothing to say
     assert _edge_note(["learned", "positive", "none"], "none") == ""  # not an ordered grid
+    # at the smallest value, a regularizer already inert there (median |D| < 0.01) needs no
+    # smaller one: the note says so instead
+    assert "already inert (median |D| 0.003 < 0.01)" in _edge_note(grid, 1.0e4, 3.0e-3)
+    assert "smallest value of the grid: validation's optimum is not bracketed" in \
+        _edge_note(grid, 1.0e4, 0.5)
+    assert "above it may do better" in _edge_note(grid, 1.0e6, 1.0e-4)  # the top end: as before

@@ -20,6 +20,7 @@ from cmkg import stages
 from cmkg.ablation import tuned
 from cmkg.ablation.spec import Ablation, Column, Row, at_preset
 from cmkg.config import Config
+from cmkg.diagnostics import INERT
 from cmkg.errors import ConfigError, UserError
 from cmkg.report.format import seed_text
 from cmkg.yamlfile import read_mapping
@@ -334,14 +335,19 @@ def _follow_one(row: Row, lead: Row, group: list[Cell], lead_pick: dict,
     return {**lead_pick, "follows": lead.label, "own_val_epe_mm": own}, note
 
 
-def _edge_note(finished: list, best) -> str:
+def _edge_note(finished: list, best, d_median: float | None = None) -> str:
     """What the note adds when the chosen value is the smallest or the largest of 3 or more
     numeric values that finished: the grid does not bracket validation's optimum on that side,
-    so a value beyond it may do better (widen the grid)."""
+    so a value beyond it may do better (widen the grid). Not so at the smallest value when its
+    regularizer is already inert there (``d_median``, the choosing cells' mean median |D| after
+    the last epoch, below ``diagnostics.INERT``): a weaker one changes nothing either."""
     numbers = [v for v in finished if isinstance(v, (int, float)) and not isinstance(v, bool)]
     if len(numbers) < 3 or len(numbers) != len(finished) or best not in (min(numbers), max(numbers)):
         return ""
     side, beyond = ("smallest", "below") if best == min(numbers) else ("largest", "above")
+    if side == "smallest" and d_median is not None and d_median < INERT:
+        return (f"; the smallest value of the grid, where R is already inert (median |D| "
+                f"{d_median:.2g} < {INERT:g}): a smaller value would change nothing either")
     return (f"; the {side} value of the grid: validation's optimum is not bracketed, a value "
             f"{beyond} it may do better (widen the grid)")
 
@@ -380,6 +386,9 @@ def _choose_one(row: Row, group: list[Cell], done: dict) -> tuple[dict, str]:
     else:
         note = (f"{row.label}: {key} = {value_text(best)}, chosen on the validation split (mean "
                 f"best val EPE over {seeds} seeds: {vals})")
-    note += _edge_note([v for v, _ in means.values()], best)
+    d = [done[c.node.id].metrics.get("prior_strength", {}).get("overall", {}).get("abs_d_median")
+         for c in voters if c.candidate == best and c.node.id in done]
+    note += _edge_note([v for v, _ in means.values()], best,
+                       float(np.mean(d)) if d and None not in d else None)
     return {"key": key, "value": best, "val_epe_mm": {k: m for k, (_, m) in means.items()},
             "test_epe_mm": tests}, note
