@@ -16,5 +16,9 @@ def test_cmkg_report_rebuilds_the_committed_markdown(tmp_path, capsys):
     assert {"README.md", "table1.md", "table2.md", "table3.md"} <= set(written)
     for name in written:
         assert (tmp_path / name).read_bytes() == (REPORTS / name).read_bytes(), name
-    for name in ("table1.csv", "table2.csv", "table3.csv"):
+    # every CSV: the tables, their comparisons and, where the folder has phi.json, phi.csv
+    csvs = sorted(p.name for p in tmp_path.glob("*.csv"))
+    assert csvs == sorted(p.name for p in REPORTS.glob("*.csv"))
+    assert {"table1.csv", "table2.csv", "table3.csv"} <= set(csvs)
+    for name in csvs:
         assert (tmp_path / name).read_bytes() == (REPORTS / name).read_bytes(), name
