@@ -129,10 +129,14 @@ def adam_rms(optimizer: torch.optim.Optimizer, param: Tensor) -> Tensor | None:
 
 def strength(grad_prior: Tensor, theta: Tensor, s: Tensor, *, lr: float, total_steps: int,
              ) -> Tensor:
-    """D = lr * K * (dR/dtheta * theta) / (s * theta^2), elementwise; 0 where theta = 0."""
-    theta = theta.detach()
+    """D = lr * K * (dR/dtheta * theta) / (s * theta^2), elementwise; 0 where theta = 0.
+
+    Computed and returned in float64: for a float32 weight below about 1e-19, theta^2 and an
+    l2's dR/dtheta * theta underflow to 0 in float32, and 0 / 0 made D nan (and the median of
+    a whole run nan with it)."""
+    theta = theta.detach().double()
     safe = torch.where(theta == 0, torch.ones_like(theta), theta)
-    d = lr * total_steps * (grad_prior * theta) / (s * safe.pow(2))
+    d = lr * total_steps * (grad_prior.double() * theta) / (s.double() * safe.pow(2))
     return torch.where(theta == 0, torch.zeros_like(d), d)
 
 

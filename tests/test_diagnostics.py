@@ -236,7 +236,18 @@ def test_strength_of_l1_is_phi_over_s_abs_theta_and_zero_at_zero():
     phi = torch.tensor([1e-3, 1e-3, 1e-3])
     d = diagnostics.strength(phi * torch.sign(theta), theta, s, lr=0.1, total_steps=100)
     torch.testing.assert_close(d, torch.tensor([10 * 1e-3 / (0.1 * 0.5),
-                                                10 * 1e-3 / (0.2 * 2.0), 0.0]))
+                                                10 * 1e-3 / (0.2 * 2.0), 0.0],
+                                               dtype=torch.float64))
+
+
+def test_strength_of_a_tiny_float32_weight_is_finite():
+    # an l2's D is lr K 2 sigma / s whatever theta is; in float32, theta^2 of 1e-23 is 0 and
+    # 0 / 0 made it nan (a committed run's seed logged a nan median |D| that way)
+    theta = torch.tensor([1e-23, 0.5], dtype=torch.float32)
+    s = torch.tensor([0.1, 0.1], dtype=torch.float32)
+    d = diagnostics.strength(2 * 1e-5 * theta, theta, s, lr=0.1, total_steps=100)
+    torch.testing.assert_close(d, torch.full((2,), 10 * 2e-5 / 0.1, dtype=torch.float64))
+    assert diagnostics.summarize(d)["abs_d_median"] == pytest.approx(10 * 2e-5 / 0.1)
 
 
 def _posenets():
