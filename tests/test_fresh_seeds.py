@@ -5,6 +5,7 @@ report seeds and each single seed would each pick another value."""
 
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
@@ -268,8 +269,13 @@ def test_tuned_row_without_seeds_and_missing_file(tmp_path, capsys):
 # ---------------------------------------------------------------- records and sheets
 
 
-def test_old_records_load_without_the_new_columns():
-    _, recs = report.load_records(ROOT / "reports" / "results")["table2"]
+def test_old_records_load_without_the_new_columns(tmp_path):
+    # records written before fresh-seed confirmation have no choice_seeds / chosen columns
+    table = pq.read_table(ROOT / "reports" / "results" / "table2.parquet")
+    assert {"choice_seeds", "chosen"} <= set(table.column_names)
+    pq.write_table(table.drop_columns(["choice_seeds", "chosen"]), tmp_path / "table2.parquet")
+    _, recs = report.load_records(tmp_path)["table2"]
+    assert len(recs) == table.num_rows
     assert all(r["choice_seeds"] == [] and r["chosen"] == {} for r in recs)
 
 

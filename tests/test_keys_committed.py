@@ -5,10 +5,7 @@ A stage key is the content address of a cached artifact: a change to the code th
 before it and makes the committed records point at stages no rerun would find. The records in
 ``reports/results`` carry each cell's keys (``key`` and ``artifacts``); this test re-plans every
 cell of the shipped ablation files at the records' preset and seeds (no rendering, no training:
-a synthetic dataset's identity is its generator config) and asks for the same keys. The cpu
-records were trained before the benchmark's second version changed the cpu preset: they are
-planned with the frozen preset they were trained with (tests/data/cpu-v1.yaml), and Table 2's
-with its file as it was then (tests/data/table2-v1.yaml).
+a synthetic dataset's identity is its generator config) and asks for the same keys.
 """
 
 import json
@@ -19,10 +16,6 @@ import pyarrow.parquet as pq
 from cmkg import ablation
 
 ROOT = Path(__file__).resolve().parent.parent
-FROZEN = {"cpu": str(ROOT / "tests" / "data" / "cpu-v1.yaml")}  # preset -> what trained them
-# table -> the ablation file as it was when the committed records were trained (Table 2 has
-# since lost its two calibrated rows and chooses on 3 seeds)
-FROZEN_FILES = {"table2": ROOT / "tests" / "data" / "table2-v1.yaml"}
 
 
 def test_committed_records_name_the_keys_the_plan_computes():
@@ -31,13 +24,13 @@ def test_committed_records_name_the_keys_the_plan_computes():
         records = pq.read_table(path).to_pylist()
         table = records[0]["table"]
         (preset,) = {r["preset"] for r in records}
-        ab = ablation.load(FROZEN_FILES.get(table, ROOT / "ablations" / f"{table}.yaml"))
+        ab = ablation.load(ROOT / "ablations" / f"{table}.yaml")
         # the report seeds follow the choice seeds that chose the records' values (none where a
         # run chose on its report seeds, as the first cpu run did)
         report = sorted({r["seed"] for r in records})
         choice = sorted({s for r in records for s in (r.get("choice_seeds") or [])} - set(report))
         assert report == list(range(len(choice), len(choice) + len(report))), (path.name, report)
-        cells = ablation.expand(ab, FROZEN.get(preset, preset), [], seeds=len(report),
+        cells = ablation.expand(ab, preset, [], seeds=len(report),
                                 choice_seeds=len(choice))
         planned: dict[tuple, list[dict]] = {}
         for c in cells:
