@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from cmkg.atomic import atomic_path
@@ -19,11 +20,26 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
+def _carry_sheets(tables: dict, results_dir: Path, out_dir: Path) -> list[Path]:
+    """Copy the contact sheets the specs name from the records' own report folder (the parent
+    of ``results_dir``, where the runner wrote them) into ``out_dir`` where it lacks them, so
+    that a report rebuilt elsewhere links the same sheets; return the paths copied."""
+    copied = []
+    for spec, _ in tables.values():
+        for s in spec.get("data_sheets") or []:
+            src, dst = results_dir.parent / s["file"], out_dir / s["file"]
+            if src.is_file() and not dst.exists():
+                with atomic_path(dst) as tmp:
+                    shutil.copyfile(src, tmp)
+                copied.append(dst)
+    return copied
+
+
 def render_reports(results_dir: str | Path, out_dir: str | Path) -> list[Path]:
     """Write ``out_dir``'s tables, figures and README from ``results_dir/*.parquet``, and
     ``phi.md`` and ``phi.csv`` from ``results_dir/phi.json`` where it exists (the index then
-    shows the φ diagnostics); return the paths written. The same records give the same bytes
-    (the PNGs aside)."""
+    shows the φ diagnostics), with the contact sheets beside the records; return the paths
+    written. The same records give the same bytes (the PNGs aside)."""
     tables = load_records(results_dir)
     out_dir = Path(out_dir)
     written: list[Path] = []
@@ -49,6 +65,7 @@ def render_reports(results_dir: str | Path, out_dir: str | Path) -> list[Path]:
     if (Path(results_dir) / "phi.json").is_file():  # cmkg phi, or cmkg reproduce's last step
         phi = read_phi(results_dir)
         written += render_phi(results_dir, out_dir, phi)
+    written += _carry_sheets(tables, Path(results_dir), out_dir)
     written.append(_write(out_dir / "README.md", readme_markdown(
         tables, files, figures, sheets_present(tables, out_dir), phi)))
     return written
