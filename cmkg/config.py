@@ -31,6 +31,9 @@ SUBSETS = ("all", "half0", "half1")  # meta.subset
 KEEP = ("best_val", "final", "average")  # optim.keep
 SIGNS = ("learned", "positive")  # regularizer.sign
 PHI_CONTROLS = ("none", "permuted", "uniform", "other_seed")  # regularizer.phi_control
+PHI_SOURCES = ("meta", "oracle", "source_weights")  # regularizer.phi_source
+# the stage each phi source reads (cmkg.stages.defs.depends): its phi, or the weights of 1/theta^2
+PRIOR_INPUT = {"meta": "meta", "oracle": "target", "source_weights": "kd"}
 
 
 @dataclass
@@ -169,6 +172,14 @@ class RegularizerConfig:
     sign: str = "learned"
     phi_control: str = "none"
     prior_seed: int | None = None
+    # where a weighted form's phi comes from (docs/prior-strength.md#phi-sources): meta (the
+    # paper: phi_META of Algorithm 1); oracle: phi_j ~ 1 / (theta*_j^2 + eps) from the same
+    # seed's unregularised target run (the hindsight generalised-ridge reference); source_weights:
+    # the same from the source kd student (no meta-learning). Both non-meta sources are scaled to
+    # mean 1 over the regularised weights, so regularizer.strength is their mean phi (an l2's
+    # sigma at equal mean); eps = phi_eps x the tensor's mean theta^2
+    phi_source: str = "meta"
+    phi_eps: float = 0.1
 
 
 @dataclass
@@ -469,6 +480,18 @@ def validate(cfg: Config) -> list[str]:
     check(r.sign in SIGNS, "regularizer.sign", f"must be one of {', '.join(SIGNS)}, got {r.sign!r}")
     check(r.phi_control in PHI_CONTROLS, "regularizer.phi_control",
           f"must be one of {', '.join(PHI_CONTROLS)}, got {r.phi_control!r}")
+    check(r.phi_source in PHI_SOURCES, "regularizer.phi_source",
+          f"must be one of {', '.join(PHI_SOURCES)}, got {r.phi_source!r}")
+    check(r.phi_eps > 0, "regularizer.phi_eps", f"must be > 0, got {r.phi_eps}")
+    if r.phi_source in PHI_SOURCES and r.phi_source != "meta":
+        check(r.form == "weighted_l2", "regularizer.phi_source",
+              f"{r.phi_source} gives the phi of weighted_l2 (1 / theta^2, the generalised-ridge "
+              f"form), got regularizer.form={r.form}")
+        check(r.sign == "learned", "regularizer.sign",
+              f"applies to a learned phi; phi_source={r.phi_source} is positive already")
+        check(r.prior is None, "regularizer.prior",
+              f"names a meta stage; phi_source={r.phi_source} takes phi from its "
+              f"{PRIOR_INPUT[r.phi_source]} stage, found by key")
     check(r.prior_seed is None or r.phi_control == "other_seed", "regularizer.prior_seed",
           f"is read only with regularizer.phi_control=other_seed, got phi_control={r.phi_control}")
     check(r.prior_seed is None or (isinstance(r.prior_seed, int) and r.prior_seed >= 0),

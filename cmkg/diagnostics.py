@@ -236,6 +236,37 @@ def meta_diagnose(model: nn.Module, adapter: nn.Module, teacher: nn.Module,
     return share_diagnose(terms, model)
 
 
+class PhiConvergence:
+    """phi's movement per epoch of the meta stage (``phi_convergence`` in each epoch's
+    diagnostics): ``relative_change`` ||phi_e - phi_s|| / ||phi_e|| (phi_s: phi when the epoch's
+    first step started, so a resumed run measures from its checkpoint's phi), ``phi_norm``
+    ||phi_e|| and ``mean_abs`` mean |phi_e|. With the epoch's mean meta-gradient norm (the
+    training record's ``phi_grad_norm``) it tells a converged phi (change -> 0) from a transient
+    that is still growing (relative change ~ 1 / epoch: phi proportional to the steps taken).
+
+    ``started()`` is called before every meta step (it snapshots phi once per epoch),
+    ``__call__`` after the epoch's steps."""
+
+    def __init__(self, reg):
+        self.reg, self.start = reg, None
+
+    def _flat(self) -> Tensor:
+        return torch.cat([p.detach().flatten().double().cpu() for p in self.reg.phi()])
+
+    def started(self) -> None:
+        if self.start is None:
+            self.start = self._flat()
+
+    def __call__(self, total_steps: int | None = None) -> dict:
+        now = self._flat()
+        start = self.start if self.start is not None else now
+        norm = float(now.norm())
+        change = float((now - start).norm())
+        self.start = None
+        return {"phi_convergence": {"relative_change": change / norm if norm > 0 else 0.0,
+                                    "phi_norm": norm, "mean_abs": float(now.abs().mean())}}
+
+
 def target_diagnose(loss_fn: Callable[[dict], dict[str, Tensor]], batch: dict[str, Tensor],
                     model: nn.Module, reg, optimizer: torch.optim.Optimizer,
                     lr_sum: Callable[[int], float] | None = None) -> Callable[[int], dict]:
@@ -268,10 +299,14 @@ def target_diagnose(loss_fn: Callable[[dict], dict[str, Tensor]], batch: dict[st
 
 
 def describe(diag: dict) -> str:
-    """One line for the console: the shares, and the prior's overall D."""
+    """One line for the console: the shares, phi's movement (meta), the prior's overall D."""
     shares = " ".join(f"{k} {v:.3g}" if v is not None else f"{k} -"
                       for k, v in diag.get("grad_share", {}).items())
-    text = f"grad share {shares}"
+    text = f"grad share {shares}" if shares else ""
+    conv = diag.get("phi_convergence")
+    if conv:
+        text += (("; " if text else "") + f"phi moved {conv['relative_change']:.3g} of its norm "
+                 f"{conv['phi_norm']:.3g} (mean |phi| {conv['mean_abs']:.3g})")
     overall = diag.get("prior_strength", {}).get("overall")
     if overall:
         text += (f"; prior |D| median {overall['abs_d_median']:.3g} p90 "

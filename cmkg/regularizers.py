@@ -153,6 +153,24 @@ def build(form: str, model: nn.Module, *, params: str = "weights", sigma: float 
 # phi as the target applies it: strength, sign, controls
 # ---------------------------------------------------------------------------------------------
 
+def inverse_square(weights: dict[str, Tensor], *, eps: float) -> Regularizer:
+    """A frozen weighted l2 whose phi is the generalised-ridge prior of the given weights
+    theta* (``regularizer.phi_source`` oracle / source_weights, docs/prior-strength.md):
+    phi_j = 1 / (theta*_j^2 + eps_t), eps_t = ``eps`` x the mean of theta*^2 over tensor t,
+    then the whole phi divided by its mean over every regularised weight (computed in float64),
+    so its mean is 1 and ``applied``'s strength is its mean (an l2's sigma at equal mean)."""
+    raw = []
+    for t in weights.values():
+        sq = t.detach().double().pow(2)
+        raw.append(1.0 / (sq + eps * float(sq.mean())))
+    mean = float(torch.cat([p.flatten() for p in raw]).mean())
+    out = Regularizer("weighted_l2", {n: t.shape for n, t in weights.items()}, phi_param="free")
+    with torch.no_grad():
+        for r, p, t in zip(out.raw, raw, weights.values()):
+            r.copy_((p / mean).to(t.dtype))
+    return out.requires_grad_(False)
+
+
 def positive_part(phis: list[Tensor]) -> list[Tensor]:
     """max(phi, 0) per tensor: a decay where phi decays, nothing where it would grow a weight."""
     return [p.clamp_min(0.0) for p in phis]

@@ -78,6 +78,9 @@ def test_every_config_field_is_hashed_or_declared_result_neutral(tmp_path):
              config.load("smoke", [f"data.root={tmp_path}", "regularizer.form=weighted_l2",
                                    "regularizer.strength=10.0", "regularizer.prior_seed=5",
                                    "regularizer.phi_control=other_seed"]),
+             # phi_eps is read (and hashed) only with a phi source other than meta
+             config.load("smoke", [f"data.root={tmp_path}", "regularizer.form=weighted_l2",
+                                   "regularizer.phi_source=oracle"]),
              # average_epochs is read (and hashed) only with keep: average
              config.load("smoke", [f"data.root={tmp_path}", "optim.keep=average",
                                    "optim.average_epochs=1"])]

@@ -43,16 +43,16 @@ def _extra(cell: Cell, art: stages.Artifact, done: dict) -> dict:
         if k in art.metrics:
             out[k] = art.metrics[k]
     meta_key = cell.node.inputs.get("meta")
-    if meta_key and ("meta", meta_key) in done:
-        prior = done[("meta", meta_key)]
+    prior = done.get(("meta", meta_key)) if meta_key else None
+    if prior is not None:
         out["phi"] = prior.metrics.get("phi", {})
-        applied = art.metrics.get("phi_applied")
-        if applied:  # the phi the target trained with (strength, sign, control, scale, cap)
-            out["phi_hist"] = applied["hist"]
-            out["phi_applied"] = {"fraction_negative": applied["fraction_negative"]}
-        else:  # stages published before it was recorded: the calibrated phi, before its cap
-            scale = out.get("calibration", {}).get("scale", 1.0)
-            out["phi_hist"] = report.histogram(scale * _phi_values(prior))
+    applied = art.metrics.get("phi_applied")
+    if applied:  # the phi the target trained with (strength, sign, control, scale, cap, source)
+        out["phi_hist"] = applied["hist"]
+        out["phi_applied"] = {"fraction_negative": applied["fraction_negative"]}
+    elif prior is not None:  # stages published before it was recorded: the calibrated phi
+        scale = out.get("calibration", {}).get("scale", 1.0)  # before its cap
+        out["phi_hist"] = report.histogram(scale * _phi_values(prior))
     return out
 
 
@@ -62,6 +62,9 @@ def fingerprint(cfg: Config) -> str:
     for k in ("store", "cache", "threads", "progress", "loader_workers", "device", "tracking"):
         d["run"].pop(k, None)
     d["data"].pop("root", None)
+    if d["regularizer"]["phi_source"] == "meta":  # entries since: absent at their defaults
+        for k in ("phi_source", "phi_eps"):
+            d["regularizer"].pop(k)
     return config_mod.digest(d)
 
 

@@ -24,7 +24,7 @@ from cmkg.errors import DataError, UserError
 from cmkg.meta import meta_iteration, phi_bounds
 from cmkg.regularizers import WEIGHTED, Regularizer
 from cmkg.stages.artifacts import Artifact
-from cmkg.stages.defs import DEFS, stage_datasets
+from cmkg.stages.defs import DEFS, prior_input, stage_datasets
 from cmkg.train import distillation_objective, regression_objective, regularized_objective
 
 
@@ -202,15 +202,23 @@ def _meta_learning(run: StageRun, cfg: Config, upstream: dict[str, Artifact],
                else torch.optim.Adam(reg.parameters(), lr=m.beta))
     run.optimizers.append(phi_opt)
     clip = tuple(r.phi_clip) if r.phi_clip else phi_bounds(m.alpha)
-    run.update = lambda batch: meta_iteration(
-        model, adapter, teacher, reg, batch, run.optimizers[0], phi_opt, alpha=m.alpha,
-        steps=m.inner_steps, first_order=m.first_order, phi_clip=clip,
-        reduce=parallel.mean_across, **asdict(cfg.distill), reduction=asdict(cfg.reduction))
+    convergence = diagnostics.PhiConvergence(reg)
+
+    def update(batch):
+        convergence.started()
+        return meta_iteration(
+            model, adapter, teacher, reg, batch, run.optimizers[0], phi_opt, alpha=m.alpha,
+            steps=m.inner_steps, first_order=m.first_order, phi_clip=clip,
+            reduce=parallel.mean_across, **asdict(cfg.distill), reduction=asdict(cfg.reduction))
+
+    run.update = update
+    shares = None
     if teacher is not None:  # teacher-free, G has one term: no shares to measure
-        run.diagnose = diagnostics.meta_diagnose(
+        shares = diagnostics.meta_diagnose(
             model, adapter, teacher,
             diagnostics.fixed_batch(run.train_set, cfg.optim.batch_size, device),
             **asdict(cfg.distill), reduction=asdict(cfg.reduction))
+    run.diagnose = lambda k: {**(shares(k) if shares else {}), **convergence(k)}
 
 
 def _target(run: StageRun, cfg: Config, spec: dict, upstream: dict[str, Artifact],
@@ -221,9 +229,10 @@ def _target(run: StageRun, cfg: Config, spec: dict, upstream: dict[str, Artifact
     ``phi_applied`` histogram) sees that phi."""
     r, model = cfg.regularizer, run.model
     if r.form in WEIGHTED:
-        reg = regularizers.applied(
-            _learned_prior(upstream["meta"], cfg, spec, model), strength=r.strength,
-            sign=r.sign, control=r.phi_control, seed=cfg.run.seed)
+        base = (_learned_prior(upstream["meta"], cfg, spec, model) if r.phi_source == "meta"
+                else _weights_prior(upstream[prior_input(cfg)], cfg, model))
+        reg = regularizers.applied(base, strength=r.strength, sign=r.sign,
+                                   control=r.phi_control, seed=cfg.run.seed)
     else:
         reg = regularizers.build(r.form, model, params=r.params, sigma=r.sigma)
     run.regularizer = reg = reg.to(device)
@@ -244,6 +253,21 @@ def _lr_sum(cfg: Config) -> Callable[[int], float] | None:
     if cfg.optim.schedule == "constant":
         return None
     return lambda k: diagnostics.schedule_lr_sum(cfg.optim.lr, k, cfg.optim.schedule)
+
+
+def _weights_prior(art: Artifact, cfg: Config, model) -> Regularizer:
+    """phi of ``regularizer.phi_source`` oracle / source_weights: 1 / (theta_j^2 + eps) from the
+    weights of ``art`` (the unregularised target run of this seed, or the source kd student),
+    scaled to mean 1 (``regularizers.inverse_square``)."""
+    r = cfg.regularizer
+    state = art.load_model().state_dict()
+    names = regularizers.regularised_names(model, r.params)
+    named = dict(model.named_parameters())
+    bad = [n for n in names if n not in state or state[n].shape != named[n].shape]
+    if bad:
+        raise UserError(f"regularizer.phi_source={r.phi_source}: the weights of {art.path} do "
+                        f"not fit the target's student (first mismatch: {bad[0]})")
+    return regularizers.inverse_square({n: state[n] for n in names}, eps=r.phi_eps)
 
 
 def _learned_prior(meta: Artifact, cfg: Config, spec: dict, model) -> Regularizer:

@@ -7,6 +7,8 @@ it reads and which stages it needs first.
     kd        Sect. 3, L_REG + L_DIST     student  rgb + depth  source   teacher, student
     meta      Algorithm 1 (learns phi)    student  rgb + depth  source   teacher, student
     target    Algorithm 2 (F = L_REG + R) student  rgb          target   meta, for a weighted R
+                                                                         (or the stage of
+                                                                         regularizer.phi_source)
 
 kd and meta fine-tune the student against the frozen teacher, so they read paired RGB and depth;
 the target stage trains a fresh student on a set without depth. Everything that branches on a
@@ -18,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from cmkg.config import STAGES
+from cmkg.config import PRIOR_INPUT, STAGES
 from cmkg.regularizers import WEIGHTED  # the forms of Eq. (10): they need phi_META
 
 if TYPE_CHECKING:
@@ -33,7 +35,9 @@ class StageDef:
     data: str  # "source" (+ data.augment when set) or "target"
     paired: bool  # trains on paired RGB and depth against the frozen teacher (L_DIST)
     inputs: tuple[str, ...] = ()  # upstream stages it always needs
-    prior: bool = False  # needs the meta stage's phi when the regularizer is a weighted form
+    # needs phi when the regularizer is a weighted form: the meta stage's (phi_META), or the
+    # weights of the stage regularizer.phi_source names (config.PRIOR_INPUT)
+    prior: bool = False
     learns_prior: bool = False  # learns phi (Algorithm 1): no DDP, phi published beside the model
 
     @property
@@ -61,7 +65,14 @@ def depends(stage: str, cfg: Config) -> tuple[str, ...]:
     inputs = d.inputs
     if d.learns_prior and not cfg.meta.teacher:  # G = L_REG: the teacher-free meta control
         inputs = tuple(i for i in inputs if i != "teacher")
-    return inputs + (("meta",) if weighted else ())
+    return inputs + ((prior_input(cfg),) if weighted else ())
+
+
+def prior_input(cfg: Config) -> str:
+    """The stage a weighted target reads its phi from: ``meta`` (phi_META, the paper), or for
+    ``regularizer.phi_source`` oracle the unregularised ``target`` run of its seed, for
+    source_weights the source ``kd`` student (``config.PRIOR_INPUT``)."""
+    return PRIOR_INPUT[cfg.regularizer.phi_source]
 
 
 def stage_datasets(stage: str, cfg: Config) -> list[DataSpec]:

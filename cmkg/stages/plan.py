@@ -21,7 +21,7 @@ from cmkg.errors import DataError, UserError
 from cmkg.losses import DEFAULT_REDUCTION
 from cmkg.regularizers import WEIGHTED
 from cmkg.stages.artifacts import Artifact, open_artifact
-from cmkg.stages.defs import DEFS, STAGES, depends, stage_arch, stage_datasets
+from cmkg.stages.defs import DEFS, STAGES, depends, prior_input, stage_arch, stage_datasets
 
 STAGE_VERSION = 2  # bump when a stage's meaning changes, to invalidate cached artifacts
 # 2: run.eval_every in the key (it decides which epoch's weights are kept)
@@ -69,6 +69,8 @@ def stage_spec(stage: str, cfg: Config, inputs: dict[str, str]) -> dict:
             spec["regularizer"].update(calibrate_d=r.calibrate_d, d_cap=r.d_cap)
         if r.form in WEIGHTED:
             spec["regularizer"].update(_applied_prior(cfg))
+        if r.form in WEIGHTED and r.phi_source != "meta":  # absent at meta: keys as before
+            spec["regularizer"].update(phi_source=r.phi_source, phi_eps=r.phi_eps)
     # the loss reductions of the terms a stage uses enter its key only where they differ from
     # the defaults: the defaults are the behaviour from before reductions were a choice, so the
     # keys (and cached artifacts) of default runs stay what they were
@@ -139,25 +141,34 @@ def prior_seed(cfg: Config) -> int:
     return seed - 1 if seed > 0 else 1
 
 
-def _input_config(dep: str, cfg: Config) -> Config:
-    """The config an upstream stage is planned with: ``cfg``, except that the meta stage of a
-    target with ``phi_control: other_seed`` is planned (with its teacher and student) under the
-    prior's seed (``prior_seed``): phi learned on another network than the target's."""
-    if dep != "meta" or cfg.regularizer.phi_control != "other_seed":
-        return cfg
-    seed = prior_seed(cfg)
-    if seed == cfg.run.seed:
-        raise UserError(f"regularizer.prior_seed={seed} is the run's own seed (run.seed): "
-                        "phi_control=other_seed needs another seed's phi; leave prior_seed null "
-                        "for the default (run.seed - 1, seed 0 takes seed 1)")
-    if cfg.inputs.student is not None:
-        raise UserError("regularizer.phi_control=other_seed plans the other seed's student and "
-                        f"meta stage; it cannot use an explicit inputs.student ({cfg.inputs.student})")
-    return replace(cfg, run=replace(cfg.run, seed=seed))
+def _input_config(dep: str, cfg: Config, stage: str) -> Config:
+    """The config an upstream stage is planned with: ``cfg``, except that
+    - the phi input of a target with ``phi_control: other_seed`` (``defs.prior_input``: its
+      meta stage, or the stage its ``phi_source`` reads) is planned, with its own inputs, under
+      the prior's seed (``prior_seed``): phi from another network than the target's;
+    - the oracle's reference (``phi_source: oracle``, a target's ``target`` input) is the same
+      target without a regularizer (form none, the prior's entries at their defaults)."""
+    r = cfg.regularizer
+    if stage == "target" and dep == prior_input(cfg) and r.phi_control == "other_seed":
+        seed = prior_seed(cfg)
+        if seed == cfg.run.seed:
+            raise UserError(f"regularizer.prior_seed={seed} is the run's own seed (run.seed): "
+                            "phi_control=other_seed needs another seed's phi; leave prior_seed "
+                            "null for the default (run.seed - 1, seed 0 takes seed 1)")
+        if cfg.inputs.student is not None:
+            raise UserError("regularizer.phi_control=other_seed plans the other seed's student "
+                            f"and {dep} stage; it cannot use an explicit inputs.student "
+                            f"({cfg.inputs.student})")
+        cfg = replace(cfg, run=replace(cfg.run, seed=seed))
+    if stage == "target" and dep == "target":  # phi_source oracle: theta* of form none
+        cfg = replace(cfg, regularizer=replace(
+            r, form="none", strength=None, phi_control="none", prior_seed=None,
+            phi_source="meta", calibrate_d=None))
+    return cfg
 
 
 def _explicit_input(dep: str, cfg: Config) -> str | None:
-    return cfg.regularizer.prior if dep == "meta" else getattr(cfg.inputs, dep)
+    return cfg.regularizer.prior if dep == "meta" else getattr(cfg.inputs, dep, None)
 
 
 @dataclass
@@ -195,7 +206,7 @@ def plan(stage: str, cfg: Config) -> list[Node]:
             given[dep] = open_artifact(explicit, cfg, role)
             keys[dep] = given[dep].key
             continue
-        sub = plan(dep, _input_config(dep, cfg))
+        sub = plan(dep, _input_config(dep, cfg, stage))
         nodes += [n for n in sub if n.id not in {m.id for m in nodes}]
         keys[dep] = sub[-1].key
     spec = stage_spec(stage, cfg, keys)
