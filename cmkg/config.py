@@ -172,7 +172,7 @@ class RegularizerConfig:
     sign: str = "learned"
     phi_control: str = "none"
     prior_seed: int | None = None
-    # where a weighted form's phi comes from (docs/prior-strength.md#phi-sources): meta (the
+    # where a weighted form's phi comes from (docs/prior-strength.md, "φ sources"): meta (the
     # paper: phi_META of Algorithm 1); oracle: phi_j ~ 1 / (theta*_j^2 + eps) from the same
     # seed's unregularised target run (the hindsight generalised-ridge reference); source_weights:
     # the same from the source kd student (no meta-learning). Both non-meta sources are scaled to

@@ -1,7 +1,7 @@
 """phi from sources other than Algorithm 1 (``regularizer.phi_source``: the hindsight oracle
 from the seed's unregularised target run, and the source kd student's weights), their keys
 and plans, and the meta stage's per-epoch record of phi's convergence
-(docs/prior-strength.md#phi-sources)."""
+(docs/prior-strength.md, "φ sources")."""
 
 import dataclasses
 

@@ -416,3 +416,17 @@ def test_a_stored_spec_with_an_unknown_kind_is_a_data_error(tmp_path):
     report.write_records(tmp_path / "t3.parquet", spec, records)
     with pytest.raises(DataError, match=r"t3.parquet: spec.comparisons\[0\].kind"):
         report.load_records(tmp_path)
+
+
+def test_power_of_the_paired_t_test_against_known_values():
+    from cmkg.report.stats import paired_power, seeds_for_power
+
+    # Cohen's d = 1 with 10 pairs at alpha 0.05: power 0.803 (noncentral t, standard tables)
+    assert paired_power(10, 1.0, 1.0) == pytest.approx(0.803, abs=1e-3)
+    assert seeds_for_power(1.0, 1.0) == 10
+    # more comparisons (a stricter Holm first step) or more noise never need fewer seeds
+    counts = [seeds_for_power(0.6, 1.0, comparisons=m) for m in (1, 12, 74)]
+    assert counts == sorted(counts) and counts[0] < counts[-1]
+    assert seeds_for_power(0.96, 1.0) > seeds_for_power(0.2, 1.0)
+    # a large effect at a small SD: the far tail scipy returns as nan counts as 0, not nan
+    assert paired_power(3, 0.2, 1.295) == pytest.approx(1.0, abs=0.05)

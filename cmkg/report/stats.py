@@ -243,3 +243,30 @@ def shared_cells(tables: dict[str, tuple[dict, list[dict]]]) -> dict[str, list[d
                               "seeds": sorted(s for s, _ in ident),
                               "of": sorted(s for s, _ in rep[2])})
     return out
+
+
+def paired_power(n: int, sd: float, effect: float, alpha: float = ALPHA) -> float:
+    """Power of the two-sided paired t-test at level ``alpha`` with ``n`` seeds to detect a mean
+    difference ``effect`` when the paired differences have standard deviation ``sd``
+    (noncentral t with n - 1 degrees of freedom, noncentrality effect / (sd / sqrt n))."""
+    from scipy.stats import nct, t
+
+    if n < 2:
+        return 0.0
+    df, ncp = n - 1, abs(effect) / (sd / math.sqrt(n))
+    crit = t.ppf(1 - alpha / 2, df)
+    upper, lower = float(nct.sf(crit, df, ncp)), float(nct.cdf(-crit, df, ncp))
+    # scipy's far lower tail of a large noncentrality comes back nan: it is ~0 there
+    return min(1.0, upper + (lower if math.isfinite(lower) else 0.0))
+
+
+def seeds_for_power(sd: float, effect: float, *, comparisons: int = 1, power: float = 0.8,
+                    alpha: float = ALPHA, most: int = 1000) -> int:
+    """The fewest seeds whose paired t-test reaches ``power`` for ``effect`` at paired SD ``sd``
+    when it must pass Holm's first step among ``comparisons`` tests (level alpha / comparisons:
+    the strictest step, so the count holds whatever the other p-values are)."""
+    for n in range(2, most + 1):
+        if paired_power(n, sd, effect, alpha / comparisons) >= power:
+            return n
+    raise ValueError(f"more than {most} seeds for effect {effect} at sd {sd}")
+
