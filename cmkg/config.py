@@ -74,6 +74,25 @@ class DataSpec:
 
 
 @dataclass
+class PlantedConfig:
+    """Planted knowledge, a positive control of the prior (docs/benchmark.md, "Planted
+    knowledge"); off (``channels: 0``) everywhere but ``ablations/planted.yaml``. Every RGB
+    network gets ``channels`` extra input channels, each a constant map per image: independent
+    N(0, 1) noise on the source (every split) and on the target's val and test splits; on the
+    target's train split alone, ``cue`` x a fixed random projection of the pose (standardised)
+    + sqrt(1 - cue^2) x noise, a shortcut that does not hold at test time. The depth teacher
+    never sees them. Set, it enters the keys of the RGB stages (not the teacher's)."""
+
+    channels: int = 0
+    cue: float = 0.0  # correlation of each channel with its pose projection on target train
+    seed: int = 0  # draws the projections and the noise
+
+    @property
+    def on(self) -> bool:
+        return self.channels > 0
+
+
+@dataclass
 class DataConfig:
     source: DataSpec = field(default_factory=DataSpec)  # paired RGB + depth
     target: DataSpec = field(default_factory=lambda: DataSpec(domain="stb-like", num=18000,
@@ -84,6 +103,7 @@ class DataConfig:
     knobs: dict[str, DomainKnobs] = field(default_factory=dict)
     split: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])  # train/val/test
     root: str = "data"  # where synthetic datasets are cached, content-addressed
+    planted: PlantedConfig = field(default_factory=PlantedConfig)  # a positive control; off
 
 
 @dataclass
@@ -414,6 +434,11 @@ def validate(cfg: Config) -> list[str]:
         check(aug.size == src.size, "data.augment.size",
               f"must equal data.source.size ({src.size}): the sets are trained on together, "
               f"got {aug.size}")
+    pl = cfg.data.planted
+    check(0 <= pl.channels <= 64, "data.planted.channels",
+          f"must be an integer in [0, 64] (0: off), got {pl.channels}")
+    check(0 <= pl.cue <= 1, "data.planted.cue", f"must be in [0, 1], got {pl.cue}")
+    check(pl.seed >= 0, "data.planted.seed", f"must be >= 0, got {pl.seed}")
     sp = cfg.data.split
     check(len(sp) == 3 and all(x >= 0 for x in sp) and abs(sum(sp) - 1) < 1e-6 and sp[0] > 0,
           "data.split", f"must be three non-negative fractions train/val/test summing to 1, got {sp}")

@@ -53,8 +53,10 @@ class PoseNet(nn.Module):
         return joints.view(-1, NUM_JOINTS, 3), acts
 
 
-def build(arch: str, modality: str) -> PoseNet:
-    return PoseNet(arch, MODALITY_CHANNELS[modality])
+def build(arch: str, modality: str, extra_channels: int = 0) -> PoseNet:
+    """A regressor of ``modality``, with ``extra_channels`` more input channels (the planted
+    channels of ``data.planted``, a positive control)."""
+    return PoseNet(arch, MODALITY_CHANNELS[modality] + extra_channels)
 
 
 def activation_adapter(student: PoseNet, teacher: PoseNet) -> nn.Module:

@@ -113,7 +113,8 @@ def predict(model: nn.Module, loader, modality: str, device: torch.device) -> di
     model.eval()
     preds, gts, vis = [], [], []
     for batch in loader:
-        pred, _ = model(prepare_batch({modality: batch[modality]}, device)[modality])
+        inputs = {k: batch[k] for k in (modality, "planted") if k in batch}
+        pred, _ = model(prepare_batch(inputs, device)[modality])
         preds.append(denormalise(pred.float().cpu().numpy(), batch["scale"].numpy()))
         gts.append(batch["joints"].numpy())
         vis.append(batch["vis"].numpy())

@@ -81,6 +81,8 @@ def test_every_config_field_is_hashed_or_declared_result_neutral(tmp_path):
              # phi_eps is read (and hashed) only with a phi source other than meta
              config.load("smoke", [f"data.root={tmp_path}", "regularizer.form=weighted_l2",
                                    "regularizer.phi_source=oracle"]),
+             # the planted channels' cue and seed are read (and hashed) only with channels on
+             config.load("smoke", [f"data.root={tmp_path}", "data.planted.channels=2"]),
              # average_epochs is read (and hashed) only with keep: average
              config.load("smoke", [f"data.root={tmp_path}", "optim.keep=average",
                                    "optim.average_epochs=1"])]

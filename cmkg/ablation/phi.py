@@ -136,7 +136,7 @@ def _fisher_batches(cfg: config_mod.Config, device: torch.device) -> list[dict]:
     """``FISHER_BATCHES`` fixed batches of the student's training split (its datasets, RGB),
     drawn from ``run.seed`` as the calibration draws its batches."""
     roots = [stages.ensure_dataset(s, cfg) for s in stages.stage_datasets("student", cfg)]
-    ds = HandDataset(roots, "train", ("rgb",))
+    ds = HandDataset(roots, "train", ("rgb",), planted=stages.planted("student", cfg))
     bs = cfg.optim.batch_size
     order = np.random.default_rng(cfg.run.seed).permutation(len(ds))
     n = max(1, min(FISHER_BATCHES, len(ds) // bs))

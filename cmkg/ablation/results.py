@@ -62,6 +62,8 @@ def fingerprint(cfg: Config) -> str:
     for k in ("store", "cache", "threads", "progress", "loader_workers", "device", "tracking"):
         d["run"].pop(k, None)
     d["data"].pop("root", None)
+    if not d["data"]["planted"]["channels"]:  # since: absent when off
+        d["data"].pop("planted")
     if d["regularizer"]["phi_source"] == "meta":  # entries since: absent at their defaults
         for k in ("phi_source", "phi_eps"):
             d["regularizer"].pop(k)

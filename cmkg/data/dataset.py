@@ -13,6 +13,8 @@ A batch is a dict::
     joints  (B, 21, 3)   root-relative joints in mm (for evaluation)
     scale   (B,)         middle MCP-PIP length, mm
     vis     (B, 21)      bool
+    planted (B, k)       float32, only with ``planted`` set (``data.planted``, a positive
+            control): ``prepare_batch`` appends them to the RGB channels as constant maps
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cmkg.data import planted as planted_mod
 from cmkg.data.store import joint_targets, read_manifest, read_split
 from cmkg.errors import DataError
 
@@ -33,17 +36,24 @@ def identity_collate(batch):
 
 
 def prepare_batch(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """Move a batch to ``device``; uint8 RGB (B, S, S, 3) becomes normalised (B, 3, S, S) there."""
+    """Move a batch to ``device``; uint8 RGB (B, S, S, 3) becomes normalised (B, 3, S, S) there,
+    followed by the planted channels (B, k) as constant maps where the batch has them."""
     out = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     if "rgb" in out and out["rgb"].dtype == torch.uint8:
         rgb = out["rgb"].permute(0, 3, 1, 2).float().contiguous()  # NCHW, as the convs expect
         out["rgb"] = (rgb / 255.0 - 0.5) / 0.25
+        if "planted" in out:
+            b, k = out["planted"].shape
+            extra = out["planted"][:, :, None, None].expand(b, k, *rgb.shape[2:])
+            out["rgb"] = torch.cat([out["rgb"], extra], 1).contiguous()
     return out
 
 
 class HandDataset(torch.utils.data.Dataset):
     def __init__(self, roots: str | Path | list, split: str, modalities: tuple[str, ...] = ("rgb",),
-                 verify: bool = True):
+                 verify: bool = True, planted=None, shortcut: bool = False):
+        """``planted`` (a ``config.PlantedConfig`` that is on) adds its channel values to the
+        RGB batches; ``shortcut`` makes them carry the pose (the target's train split only)."""
         roots = [roots] if isinstance(roots, (str, Path)) else list(roots)
         self.roots, self.split, self.modalities = [str(r) for r in roots], split, modalities
         manifests = [read_manifest(r) for r in roots]
@@ -61,6 +71,14 @@ class HandDataset(torch.utils.data.Dataset):
         self.target, self.scale, self.root_z = t["target"], t["scale"], t["root"][:, 2]
         self.joints = (joints - t["root"][:, None]).astype(np.float32)
         self.vis = data["vis"]
+        self.planted = None
+        if planted is not None and planted.channels > 0 and "rgb" in modalities:
+            n = [len(p["vis"]) for p in parts]
+            cuts = np.cumsum([0, *n])
+            self.planted = np.concatenate([
+                planted_mod.values(planted.seed, planted.channels, planted.cue, fp, split,
+                                   self.target[a:b], shortcut)
+                for fp, a, b in zip(self.fingerprints, cuts[:-1], cuts[1:])])
 
     def __len__(self) -> int:
         return len(self.target)
@@ -77,6 +95,8 @@ class HandDataset(torch.utils.data.Dataset):
         batch["joints"] = torch.from_numpy(self.joints[idx])
         batch["scale"] = torch.from_numpy(self.scale[idx])
         batch["vis"] = torch.from_numpy(self.vis[idx])
+        if self.planted is not None:
+            batch["planted"] = torch.from_numpy(self.planted[idx])
         return batch
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:

@@ -16,7 +16,8 @@ Train workers.
 
 from cmkg.stages.artifacts import Artifact, Store, code_version, open_artifact, writer_lock
 from cmkg.stages.build import StageRun, build_stage, calibrate, ensure_dataset, make_loaders
-from cmkg.stages.defs import DEFS, MODALITY, STAGES, StageDef, depends, stage_arch, stage_datasets
+from cmkg.stages.defs import (DEFS, MODALITY, STAGES, StageDef, depends, planted, stage_arch,
+                               stage_datasets)
 from cmkg.stages.plan import (
     STAGE_VERSION,
     Node,
@@ -46,7 +47,7 @@ __all__ = [
     "DEFS", "MODALITY", "PHI_PERCENTILES", "STAGES", "STAGE_VERSION", "Artifact", "Node",
     "PartialFolder", "StageDef", "StageRun", "Store", "build_stage", "calibrate",
     "checkpoint_blob", "code_version", "dataset_identity", "depends", "stage_arch",
-    "ensure_dataset", "fit_stage", "make_loaders", "open_artifact", "phi_summary", "plan",
+    "ensure_dataset", "fit_stage", "make_loaders", "open_artifact", "phi_summary", "plan", "planted",
     "publish", "resolve_device", "restore", "run_node", "run_plan", "run_stage",
     "stage_datasets", "stage_key", "stage_spec", "train_in_process", "train_node",
     "upstream_of", "writer_lock",

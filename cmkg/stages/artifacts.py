@@ -67,7 +67,7 @@ class Artifact:
 
     def load_model(self, device: torch.device | str = "cpu") -> models.PoseNet:
         blob = torch.load(self.path / "model.pt", map_location=device, weights_only=True)
-        net = models.build(blob["arch"], blob["modality"])
+        net = models.build(blob["arch"], blob["modality"], blob.get("extra_channels", 0))
         net.load_state_dict(blob["state_dict"])
         return net.to(device)
 

@@ -24,7 +24,7 @@ from cmkg.errors import DataError, UserError
 from cmkg.meta import meta_iteration, phi_bounds
 from cmkg.regularizers import WEIGHTED, Regularizer
 from cmkg.stages.artifacts import Artifact
-from cmkg.stages.defs import DEFS, prior_input, stage_datasets
+from cmkg.stages.defs import DEFS, planted, prior_input, stage_datasets
 from cmkg.train import distillation_objective, regression_objective, regularized_objective
 
 
@@ -78,7 +78,8 @@ def build_stage(stage: str, cfg: Config, spec: dict, upstream: dict[str, Artifac
     wrap = wrap or (lambda m: m)
     run = _data(stage, cfg)
     torch.manual_seed(cfg.run.seed)
-    run.model = run.trainable = models.build(spec["arch"], DEFS[stage].modality).to(device)
+    extra = spec.get("planted", {}).get("channels", 0)
+    run.model = run.trainable = models.build(spec["arch"], DEFS[stage].modality, extra).to(device)
     if stage in ("teacher", "student"):
         run.wrapped = wrap(run.model)
         run.loss_fn = regression_objective(run.wrapped, DEFS[stage].modality,
@@ -105,15 +106,16 @@ def _data(stage: str, cfg: Config) -> StageRun:
     d = DEFS[stage]
     train_roots = [ensure_dataset(s, cfg) for s in stage_datasets(stage, cfg)]
     eval_root = train_roots[0]
-    train_set = HandDataset(train_roots, "train", d.reads)
+    pl = planted(stage, cfg)  # the planted channels: a shortcut on the target's train split only
+    train_set = HandDataset(train_roots, "train", d.reads, planted=pl, shortcut=d.data == "target")
     if d.learns_prior and cfg.meta.subset != "all":  # a split-half diagnostic of phi
         train_set = take(train_set, halves(len(train_set))[cfg.meta.subset])
     if len(train_set) < cfg.optim.batch_size:
         raise DataError(f"{train_roots[0]}: {len(train_set)} training samples, fewer than one "
                         f"batch (optim.batch_size={cfg.optim.batch_size})"
                         + (f" in meta.subset={cfg.meta.subset}" if d.learns_prior else ""))
-    val_set = HandDataset(eval_root, "val", (d.modality,))
-    test_set = HandDataset(eval_root, "test", (d.modality,))
+    val_set = HandDataset(eval_root, "val", (d.modality,), planted=pl)
+    test_set = HandDataset(eval_root, "test", (d.modality,), planted=pl)
     return StageRun(stage, None, None, [], None, None, train_set, val_set, test_set,
                     train_roots, eval_root)
 

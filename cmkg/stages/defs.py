@@ -82,6 +82,14 @@ def stage_datasets(stage: str, cfg: Config) -> list[DataSpec]:
     return [cfg.data.source] + ([cfg.data.augment] if cfg.data.augment else [])
 
 
+def planted(stage: str, cfg: Config):
+    """The planted channels a stage's network sees (``data.planted``, a positive control): the
+    config's where they are on and the network is an RGB one, else None (the depth teacher
+    never sees them)."""
+    p = cfg.data.planted
+    return p if p.channels > 0 and DEFS[stage].modality == "rgb" else None
+
+
 def stage_arch(stage: str, cfg: Config) -> str:
     """The backbone a stage trains."""
     return getattr(cfg.model, DEFS[stage].network)

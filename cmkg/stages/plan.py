@@ -21,7 +21,8 @@ from cmkg.errors import DataError, UserError
 from cmkg.losses import DEFAULT_REDUCTION
 from cmkg.regularizers import WEIGHTED
 from cmkg.stages.artifacts import Artifact, open_artifact
-from cmkg.stages.defs import DEFS, STAGES, depends, prior_input, stage_arch, stage_datasets
+from cmkg.stages.defs import (DEFS, STAGES, depends, planted, prior_input, stage_arch,
+                               stage_datasets)
 
 STAGE_VERSION = 2  # bump when a stage's meaning changes, to invalidate cached artifacts
 # 2: run.eval_every in the key (it decides which epoch's weights are kept)
@@ -53,6 +54,8 @@ def stage_spec(stage: str, cfg: Config, inputs: dict[str, str]) -> dict:
             "modality": d.modality, "optim": _optim(cfg, getattr(cfg.epochs, stage)),
             "epochs": getattr(cfg.epochs, stage), "eval_every": cfg.run.eval_every,
             "seed": cfg.run.seed, "inputs": inputs}
+    if planted(stage, cfg) is not None:  # a positive control; absent when off: keys as before
+        spec["planted"] = asdict(cfg.data.planted)
     r = cfg.regularizer
     teacher = d.paired and (not d.learns_prior or cfg.meta.teacher)  # uses the teacher's terms
     if teacher:

@@ -199,8 +199,10 @@ def publish(run: StageRun, node: Node, upstream: dict[str, Artifact], state: Fit
     best = {k[len(prefix):]: v for k, v in state.best_state.items() if k.startswith(prefix)}
     run.model.load_state_dict(best)
     test = evaluate(run.model, test_loader, modality, device)
-    torch_save(partial / "model.pt", {"arch": spec["arch"], "modality": modality,
-                                      "state_dict": best})
+    blob = {"arch": spec["arch"], "modality": modality, "state_dict": best}
+    if "planted" in spec:  # absent otherwise: the files of default runs as before
+        blob["extra_channels"] = spec["planted"]["channels"]
+    torch_save(partial / "model.pt", blob)
     metrics = _metrics(run, state, test)
     if DEFS[stage].learns_prior:  # phi_META = phi_K, the final phi (Algorithm 1, line 12)
         torch_save(partial / "phi.pt", run.regularizer.phi_state())
