@@ -64,3 +64,13 @@ def pose_metrics(pred_mm: np.ndarray, gt_mm: np.ndarray, vis: np.ndarray | None 
         "num_samples": int(err.shape[0]),
         "num_joints": len(means),
     }
+
+
+def selection_val_epe(stage_metrics: dict) -> float:
+    """The one validation figure every chooser ranks by: a `choose` row's values
+    (``ablation.cells``), a sweep's trials (``cluster.tune``), a tuned row's best trial. It is the
+    validation EPE of the weights the stage published (``best_val_epe_mm`` of its metrics.json):
+    under ``optim.keep: final`` (the cpu preset) the last epoch's, under ``best_val`` the best
+    epoch's, under ``average`` the averaged weights'. Never the best over epochs of weights that
+    were not kept, and never a test figure (docs/statistics.md)."""
+    return float(stage_metrics["best_val_epe_mm"])

@@ -326,3 +326,23 @@ def test_a_choice_at_the_grids_end_says_the_optimum_is_not_bracketed():
     assert "smallest value of the grid: validation's optimum is not bracketed" in \
         _edge_note(grid, 1.0e4, 0.5)
     assert "above it may do better" in _edge_note(grid, 1.0e6, 1.0e-4)  # the top end: as before
+
+
+def test_one_validation_figure_for_choose_rows_and_sweeps():
+    """A `choose` row and a sweep's trial rank by the same number: the published weights'
+    validation EPE (metrics.selection_val_epe), here the last epoch's as under optim.keep: final,
+    not the best epoch's (epoch 2 has the lower val EPE but its weights were not kept)."""
+    from types import SimpleNamespace
+
+    from cmkg.cluster.tune import _final_metrics
+    from cmkg.metrics import selection_val_epe
+
+    history = [{"epoch": e, "val": {"epe_mm": v, "auc_20_50": a}}
+               for e, v, a in ((1, 30.0, 0.5), (2, 25.0, 0.7), (3, 27.0, 0.6))]
+    metrics = {"best_val_epe_mm": 27.0, "best_epoch": 3, "history": history,
+               "test": {"epe_mm": 26.0, "auc_20_50": 0.65}}
+    art = SimpleNamespace(metrics=metrics, stage="target", key="k")
+    store = SimpleNamespace(describe=lambda stage, key: f"runs/{stage}/{key}")
+    trial = _final_metrics(art, store, 3)
+    assert trial["val_epe_mm"] == selection_val_epe(metrics) == 27.0
+    assert trial["val_auc_20_50"] == 0.6  # the kept epoch's AUC, not the best epoch's

@@ -22,6 +22,7 @@ from cmkg.ablation.spec import Ablation, Column, Row, at_preset
 from cmkg.config import Config
 from cmkg.diagnostics import INERT
 from cmkg.errors import ConfigError, UserError
+from cmkg.metrics import selection_val_epe
 from cmkg.report.format import seed_text
 from cmkg.yamlfile import read_mapping
 
@@ -205,7 +206,8 @@ def value_text(value) -> str:
 
 def choose(ab: Ablation, cells: list[Cell], done: dict) -> tuple[list[Cell], list[str], dict]:
     """Resolve the rows with ``choose``: per column, one value for the row, the one whose cells
-    have the lowest best validation EPE (``best_val_epe_mm``, the target's val split) averaged
+    have the lowest validation EPE (``metrics.selection_val_epe``: the published weights', on the
+    target's val split) averaged
     over the choosing seeds (the choice seeds where there are, else the report seeds), among the
     values that finished on every one of them; test plays no part. Returns the cells to record
     (the plain ones and the chosen value's, on the report seeds only), a note per choice and per
@@ -326,7 +328,7 @@ def _follow_one(row: Row, lead: Row, group: list[Cell], lead_pick: dict,
     for v in row.choose["values"]:
         cs = [c for c in group if c.candidate == v and not c.choosing]
         if cs and all(c.node.id in done for c in cs):
-            own[value_text(v)] = float(np.mean([done[c.node.id].metrics["best_val_epe_mm"]
+            own[value_text(v)] = float(np.mean([selection_val_epe(done[c.node.id].metrics)
                                                 for c in cs]))
     text = ("; this row's own mean best val EPE, not used: "
             + ", ".join(f"{k} {m:.2f}" for k, m in own.items()) + " mm") if len(own) > 1 else ""
@@ -365,7 +367,7 @@ def _choose_one(row: Row, group: list[Cell], done: dict) -> tuple[dict, str]:
         cs = [c for c in voters if c.candidate == v]
         if cs and all(c.node.id in done for c in cs):
             means[value_text(v)] = (v, float(np.mean(
-                [done[c.node.id].metrics["best_val_epe_mm"] for c in cs])))
+                [selection_val_epe(done[c.node.id].metrics) for c in cs])))
             # recorded beside the choice, never used by it: does val rank the values as test?
             test = [done[c.node.id].metrics.get("test", {}).get("epe_mm") for c in cs]
             if None not in test:

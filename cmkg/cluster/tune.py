@@ -67,6 +67,7 @@ from cmkg.cluster.tune_results import (
 from cmkg.config import Config
 from cmkg.console import duration
 from cmkg.errors import UserError
+from cmkg.metrics import selection_val_epe
 
 # names callers imported from here before the split into spaces / tune_results / ray_compat;
 # Space and Param also resolve the searcher state that sweeps started then pickled
@@ -224,7 +225,7 @@ def _final_metrics(art, store, epochs: int) -> dict:
             if h.get("epoch") == m.get("best_epoch") and "val" in h.get("average", h)]
     best = kept[0] if kept else min(m["history"], key=lambda h: h.get("val", {}).get(
         "epe_mm", float("inf")))
-    return {"val_epe_mm": m["best_val_epe_mm"],
+    return {"val_epe_mm": selection_val_epe(m),  # the figure every chooser ranks by
             "val_auc_20_50": best.get("val", {}).get("auc_20_50", float("nan")),
             "test_epe_mm": m["test"]["epe_mm"], "test_auc_20_50": m["test"]["auc_20_50"],
             "epoch": m["history"][-1]["epoch"] if m["history"] else epochs,
