@@ -409,3 +409,29 @@ def calibrate_prior(reg, model: nn.Module, batches: list[dict[str, Tensor]], *, 
             "d_median": median(scale), "fraction_capped": capped / total, "lr": lr,
             "total_steps": total_steps, "batches": len(batches), "phi_abs_median": float(
                 torch.cat([p.flatten().abs() for p in new]).double().median())}
+
+
+# ---------------------------------------------------------------------------------------------
+# Planted channels (data.planted): does a network, or a prior, single them out?
+# ---------------------------------------------------------------------------------------------
+
+FIRST_CONV = "stem.0.weight"  # models.PoseNet's first convolution, (64, C + k, 7, 7)
+
+
+def planted_split(model: nn.Module, real: int, regularizer=None) -> dict[str, float]:
+    """How the first convolution treats the planted input channels (the last ones, after the
+    ``real`` RGB channels) against the real ones: ``weight_ratio`` = mean theta^2 over the
+    planted channels' kernels / the same over the real channels' (1: used alike; << 1: the
+    network ignores the planted ones), and for a weighted prior ``phi_ratio`` = mean phi there
+    / mean phi on the real channels' kernels (>> 1: the prior keeps the planted ones small),
+    with both means. The cheap check of the planted control: no target training needed."""
+    w = dict(model.named_parameters())[FIRST_CONV].detach().double()
+    sq = w.pow(2)
+    out = {"weight_planted": float(sq[:, real:].mean()), "weight_real": float(sq[:, :real].mean())}
+    out["weight_ratio"] = out["weight_planted"] / out["weight_real"]
+    if regularizer is not None and regularizer.weighted and FIRST_CONV in regularizer.names:
+        phi = regularizer.phi()[regularizer.names.index(FIRST_CONV)].detach().double()
+        out["phi_planted"] = float(phi[:, real:].mean())
+        out["phi_real"] = float(phi[:, :real].mean())
+        out["phi_ratio"] = out["phi_planted"] / out["phi_real"] if out["phi_real"] else math.nan
+    return out

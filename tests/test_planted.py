@@ -60,7 +60,11 @@ def test_planted_enters_the_rgb_stages_keys_only(tiny_cfg):
             assert on_key == off_key and "planted" not in on_spec
         else:
             assert on_key != off_key and on_spec["planted"]["channels"] == 2
-    assert stages.stage_key("target", _planted(on, cue=0.5))[0] != stages.stage_key("target", on)[0]
+    # the cue acts on the target's train split alone: the source stages share one key per cue
+    weaker = _planted(on, cue=0.5)
+    assert stages.stage_key("target", weaker)[0] != stages.stage_key("target", on)[0]
+    for stage in ("student", "kd", "meta"):
+        assert stages.stage_key(stage, weaker)[0] == stages.stage_key(stage, on)[0]
 
 
 def test_a_planted_target_trains_sees_the_channels_and_reloads(tiny_cfg):

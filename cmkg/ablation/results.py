@@ -53,6 +53,28 @@ def _extra(cell: Cell, art: stages.Artifact, done: dict) -> dict:
     elif prior is not None:  # stages published before it was recorded: the calibrated phi
         scale = out.get("calibration", {}).get("scale", 1.0)  # before its cap
         out["phi_hist"] = report.histogram(scale * _phi_values(prior))
+    if cell.cfg.data.planted.channels:
+        out["planted"] = _planted(cell, art, done)
+    return out
+
+
+def _planted(cell: Cell, art: stages.Artifact, done: dict) -> dict:
+    """The planted control's mechanism (``diagnostics.planted_split``): how the target's first
+    convolution, the phi it applied, and the source stages of its cell (the kd student, and
+    phi_META with its meta network) treat the planted channels against the real ones."""
+    from cmkg import diagnostics, models, regularizers
+
+    real = models.MODALITY_CHANNELS["rgb"]
+    out = {"target": art.metrics.get("planted") or diagnostics.planted_split(art.load_model(), real)}
+    for n in cell.nodes:
+        src = done.get(n.id)
+        if src is None or n.stage not in ("kd", "meta"):
+            continue
+        model = src.load_model()
+        prior = src.load_phi() if n.stage == "meta" else regularizers.inverse_square(
+            {k: v for k, v in model.named_parameters() if k == diagnostics.FIRST_CONV},
+            eps=cell.cfg.regularizer.phi_eps)  # source_weights' phi of the first conv
+        out[n.stage] = diagnostics.planted_split(model, real, prior)
     return out
 
 

@@ -56,6 +56,7 @@ def table_markdown(spec: dict, records: list[dict], tables: dict | None = None) 
     out += _failed_section(by_cell)
     out += _phi_section(records)
     out += _strength_section(spec, records)
+    out += _planted_section(spec, records)
     notes = list(spec.get("notes") or [])
     if comparisons:
         notes.append(_holm_note(evaluated, list(tables)))
@@ -247,6 +248,37 @@ def _strength_section(spec: dict, records: list[dict]) -> list[str]:
             "factor applied to φ_META and the β of Algorithm 1 it amounts to.\n",
             md_table(["row", "n", "median abs D", "abs D > 0.1", "D < 0", "grad ratio",
                       "φ scale", "β equivalent"], strength, right={1, 2, 3, 4, 5, 6, 7})]
+
+
+def _planted_section(spec: dict, records: list[dict]) -> list[str]:
+    """The planted control's mechanism per row (records' ``extra.planted``, mean over seeds):
+    planted / real channels of the first convolution, for the target's weights, the phi it
+    applied, and the source stages its row read. Absent where no record has planted channels."""
+    rows = []
+    for r in spec["rows"]:
+        found = [x["extra"]["planted"] for x in records if x["row"] == r["label"]
+                 and x["status"] == "done" and "planted" in (x.get("extra") or {})]
+        if not found:
+            continue
+
+        def mean(stage: str, key: str) -> str:
+            return _g(_mean([f[stage].get(key) for f in found if stage in f]))
+
+        rows.append([r["label"], str(len(found)), mean("target", "weight_ratio"),
+                     mean("target", "phi_ratio"), mean("meta", "phi_ratio"),
+                     mean("kd", "weight_ratio"), mean("kd", "phi_ratio")])
+    if not rows:
+        return []
+    return ["## The planted channels\n",
+            "Per row, over the n seeds (mean), ratios of the planted input channels to the real "
+            "RGB channels in the first convolution (docs/benchmark.md, \"Planted knowledge\"): "
+            "mean θ² of the target network (1: it uses them like the real ones; << 1: it "
+            "ignores them), mean φ the target applied, mean φ_META of the row's meta stage, and "
+            "of the row's source kd student mean θ² and the mean of its 1/θ² prior "
+            "(phi_source source_weights). A prior with φ ratio >> 1 keeps the planted "
+            "channels' weights small.\n",
+            md_table(["row", "n", "target θ²", "applied φ", "φ_META", "kd θ²", "kd 1/θ² φ"],
+                     rows, right={1, 2, 3, 4, 5, 6})]
 
 
 def _mean(values) -> float | None:

@@ -56,6 +56,8 @@ def stage_spec(stage: str, cfg: Config, inputs: dict[str, str]) -> dict:
             "seed": cfg.run.seed, "inputs": inputs}
     if planted(stage, cfg) is not None:  # a positive control; absent when off: keys as before
         spec["planted"] = asdict(cfg.data.planted)
+        if d.data != "target":  # the cue acts on the target's train split only
+            del spec["planted"]["cue"]
     r = cfg.regularizer
     teacher = d.paired and (not d.learns_prior or cfg.meta.teacher)  # uses the teacher's terms
     if teacher:

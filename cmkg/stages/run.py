@@ -19,7 +19,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from cmkg import tracking
+from cmkg import diagnostics, models, tracking
 from cmkg.atomic import torch_save, write_json, write_yaml
 from cmkg.config import Config
 from cmkg.console import say
@@ -203,7 +203,7 @@ def publish(run: StageRun, node: Node, upstream: dict[str, Artifact], state: Fit
     if "planted" in spec:  # absent otherwise: the files of default runs as before
         blob["extra_channels"] = spec["planted"]["channels"]
     torch_save(partial / "model.pt", blob)
-    metrics = _metrics(run, state, test)
+    metrics = _metrics(run, state, test, spec)
     if DEFS[stage].learns_prior:  # phi_META = phi_K, the final phi (Algorithm 1, line 12)
         torch_save(partial / "phi.pt", run.regularizer.phi_state())
         metrics["phi"] = phi_summary(run.regularizer)
@@ -223,9 +223,10 @@ def publish(run: StageRun, node: Node, upstream: dict[str, Artifact], state: Fit
     return art
 
 
-def _metrics(run: StageRun, state: FitState, test: dict) -> dict:
-    """metrics.json: test metrics, the mean-pose reference, best validation, the history, and
-    the target's prior strength and calibration where they apply."""
+def _metrics(run: StageRun, state: FitState, test: dict, node_spec: dict) -> dict:
+    """metrics.json: test metrics, the mean-pose reference, best validation, the history, the
+    target's prior strength and calibration where they apply, and with planted channels how
+    the first convolution (and a weighted prior) treats them (``diagnostics.planted_split``)."""
     # reference: predicting the training set's mean pose for every test image
     mean_pose = np.broadcast_to(run.train_set.target.mean(0), run.test_set.target.shape)
     baseline = pose_metrics(denormalise(mean_pose, run.test_set.scale), run.test_set.joints,
@@ -244,6 +245,10 @@ def _metrics(run: StageRun, state: FitState, test: dict) -> dict:
         phi = torch.cat([p.detach().double().flatten().cpu() for p in run.regularizer.phi()])
         metrics["phi_applied"] = {"hist": histogram(phi.numpy()),
                                   "fraction_negative": float((phi < 0).double().mean())}
+    if "planted" in node_spec:  # the planted control: does the network, or its prior, ignore them?
+        real = models.MODALITY_CHANNELS[DEFS[run.stage].modality]
+        prior = run.regularizer if run.regularizer is not None and run.regularizer.weighted else None
+        metrics["planted"] = diagnostics.planted_split(run.model, real, prior)
     return metrics
 
 
