@@ -41,21 +41,82 @@ diagnostics after the tables, into the same folder (``--phi-seeds N``, 0 skips t
 records of another preset or other seeds stop the run before the tables train, as theirs do.
 
 User errors (bad config, YAML, data, arguments) print one message naming the file and key and
-exit with status 2; nothing half-written is left behind.
+exit with status 2; nothing half-written is left behind. Flags are spelled out (``--seed`` is
+not taken for ``--seeds``); an unknown flag is named, with its new name where it was renamed
+(``RENAMED``: ``cmkg report --out`` is now ``--report``).
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import sys
 from pathlib import Path
 
 from cmkg.errors import UserError
 
+# flags renamed since they shipped, per command: {old: new} (git log -S'add_argument("--' --
+# cmkg/cli.py); an old spelling gets "OLD was renamed NEW" instead of a puzzling error
+RENAMED = {
+    "report": {"--out": "--report"},
+    **{c: {"--out": "--store"} for c in ("train", "tune", "config show")},
+    **{c: {"--out": "--store", "--cpus-per-task": "--cpus-per-worker",
+           "--gpus-per-task": "--gpus-per-worker"} for c in ("ablate", "reproduce")},
+}
+
 
 class _Parser(argparse.ArgumentParser):
+    """Every parser of the CLI (the subparsers too, through ``parser_class``): no abbreviated
+    flags (``--seed`` is not ``--seeds``, ``--stor`` not ``--store``), and an unknown flag is
+    the error, named by the command that saw it, whatever else it made go wrong."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+        self._argv: list[str] = []
+
+    def parse_known_args(self, args=None, namespace=None):
+        # the CLI only parses whole command lines: what is left over is an error here, where
+        # the usage and the renamed flags are this command's, not at the top-level parser
+        self._argv = list(sys.argv[1:] if args is None else args)
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+    def _unknown_flags(self) -> list[str]:
+        """The flags of this command line that this (leaf) parser does not define; a parser
+        with subcommands leaves theirs to them."""
+        if self._subparsers is not None:
+            return []
+        out = []
+        for arg in self._argv:
+            if arg == "--":
+                break
+            name = arg.split("=", 1)[0]
+            if (len(arg) > 1 and arg[0] in self.prefix_chars
+                    and name not in self._option_string_actions
+                    and not self._negative_number_matcher.match(arg)):
+                out.append(name)
+        return out
+
     def error(self, message):
+        unknown = self._unknown_flags()
+        if unknown:  # the cause, e.g. `report --out X` otherwise fails on X: "invalid choice"
+            renamed = RENAMED.get(self.prog.removeprefix("cmkg "), {})
+            flags = sorted(f for f in self._option_string_actions if f.startswith("--"))
+            hints = []
+            for flag in unknown:  # the flags it abbreviates, else the nearest (a typo)
+                near = ([f for f in flags if f.startswith(flag)]
+                        or difflib.get_close_matches(flag, flags, n=1))
+                if flag in renamed:
+                    hints.append(f"{flag} was renamed {renamed[flag]}")
+                elif near:
+                    hints.append(f"{flag + ': ' if len(unknown) > 1 else ''}did you mean "
+                                 f"{' or '.join(near[:3])}?")
+            message = (f"unrecognized arguments: {' '.join(unknown)}"
+                       + (f" ({'; '.join(hints)})" if hints else ""))
         self.print_usage(sys.stderr)
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         raise SystemExit(2)
@@ -519,11 +580,14 @@ def _runs_store(args) -> tuple[str, str | None]:
 
 
 def _cmd_runs_ls(args) -> int:
+    """The table; an empty or missing store says so and succeeds (nothing trained yet is no
+    error), after checking --stage and --where all the same."""
     from cmkg import runs
 
-    entries = runs.select(runs.index(_runs_store(args)[0]), stage=args.stage, where=args.where,
-                          seed=args.seed)
-    print(runs.format_table(entries))
+    store = _runs_store(args)[0]
+    entries = runs.index(store, missing_ok=True)
+    selected = runs.select(entries, stage=args.stage, where=args.where, seed=args.seed)
+    print(runs.format_table(selected) if entries else f"no artifacts in {store} yet")
     return 0
 
 

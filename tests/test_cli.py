@@ -141,3 +141,76 @@ def test_the_readme_example_cannot_replace_the_committed_records(tmp_path, capsy
     err = capsys.readouterr().err
     assert rc == 2 and "table2.parquet" in err and "--force" in err
     assert _snapshot(REPORTS) == before and not (tmp_path / "runs").exists()
+
+
+# -- flags: spelled out, unknown ones named, renamed ones pointing to their new name ----------
+
+def _commands(parser, path=()):
+    """(path, parser) of every parser: the top level, each subcommand, theirs."""
+    import argparse
+
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                yield from _commands(child, (*path, name))
+
+
+def _leaves():
+    return [(path, p) for path, p in _commands(cli.build_parser()) if p._subparsers is None]
+
+
+def test_every_command_refuses_an_abbreviated_flag(capsys):
+    """`cmkg ablate X --seed 1` is not `--seeds 1`: each command, given a prefix of one of its
+    long flags, exits 2 naming that prefix (and the flag it resembles)."""
+    parsers = list(_commands(cli.build_parser()))
+    assert len(parsers) > 20 and all(not p.allow_abbrev for _, p in parsers)
+    for path, parser in _leaves():
+        flags = sorted(f for f in parser._option_string_actions if f.startswith("--")
+                       and f != "--help")
+        assert flags, path
+        flag = max(flags, key=len)  # a prefix that is no other flag of the command
+        abbrev = next(flag[:n] for n in range(len(flag) - 1, 2, -1)
+                      if flag[:n] not in parser._option_string_actions)
+        with pytest.raises(SystemExit) as e:  # parsing only: nothing runs
+            cli.build_parser().parse_args([*path, abbrev, "1"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2, (path, abbrev)
+        last = err.strip().splitlines()[-1]
+        assert last.startswith(f"cmkg {' '.join(path)}: error: unrecognized arguments: "
+                               f"{abbrev}"), (path, err)
+        assert "did you mean --" in last, (path, err)
+
+
+def test_the_issue_examples_are_refused(capsys):
+    for argv, flag, meant in ((["ablate", "ablations/table2.yaml", "--seed", "1"], "--seed",
+                               "--seeds"), (["runs", "ls", "--stor", "x"], "--stor", "--store"),
+                              (["tune", "tune_spaces/x.yaml", "--trial", "3"], "--trial",
+                               "--trials")):
+        with pytest.raises(SystemExit) as e:
+            cli.build_parser().parse_args(argv)
+        assert e.value.code == 2
+        assert f"unrecognized arguments: {flag} (did you mean {meant}?)" in \
+            capsys.readouterr().err
+
+
+def test_a_renamed_flag_names_its_new_name(capsys):
+    """`cmkg report --out X` failed on X ("invalid choice: 'X' (choose from 'tune')"); now the
+    flag is the error, with its new name."""
+    for argv in (["report", "--out", "X"], ["report", "--out=X"]):
+        with pytest.raises(SystemExit) as e:
+            cli.build_parser().parse_args(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "invalid choice" not in err
+        assert err.strip().splitlines()[-1] == ("cmkg report: error: unrecognized arguments: "
+                                                "--out (--out was renamed --report)")
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["ablate", "a.yaml", "--cpus-per-task", "2", "--out", "runs"])
+    assert ("--cpus-per-task --out (--cpus-per-task was renamed --cpus-per-worker; --out was "
+            "renamed --store)") in capsys.readouterr().err
+    # every entry of the table: a command that has the new flag and no longer the old one
+    leaves = {" ".join(path): p for path, p in _leaves()}
+    for command, renamed in cli.RENAMED.items():
+        for old, new in renamed.items():
+            flags = leaves[command]._option_string_actions
+            assert new in flags and old not in flags, (command, old, new)
