@@ -83,15 +83,18 @@ class Entry:
         return self.key[:20]
 
 
-def index(store: str | Path) -> list[Entry]:
+def index(store: str | Path, missing_ok: bool = False) -> list[Entry]:
     """Every finished artifact of ``store`` (a local folder or a pyarrow URI), in folder order.
 
-    A UserError when a local store folder does not exist. A folder whose files cannot be read
-    is skipped with a warning on stderr."""
+    A UserError when a local store folder does not exist, unless ``missing_ok`` (``cmkg runs
+    ls``: a store nothing was trained into yet is empty, not an error). A folder whose files
+    cannot be read is skipped with a warning on stderr."""
     if storage.is_uri(store):
         fs, base = storage.open_uri(str(store), "run.store")
         shown = f"{str(store).split('://', 1)[0]}://{base}"
     else:
+        if missing_ok and not Path(store).exists():
+            return []
         if not Path(store).is_dir():
             raise UserError(f"run.store={store}: no such folder (no artifacts trained there yet?)")
         fs, base, shown = pafs.LocalFileSystem(), Path(store).resolve().as_posix(), str(store)

@@ -200,6 +200,23 @@ def test_cmkg_runs_ls_finds_a_stage_by_a_config_entry(store, capsys):
     assert "optim.lrr" in capsys.readouterr().err
 
 
+def test_cmkg_runs_ls_on_an_empty_or_missing_store_says_so(tmp_path, capsys):
+    """Nothing trained yet is no error for ls (exit 0); --where is still checked, and show,
+    which needs an artifact, still fails on a missing store."""
+    from cmkg import cli
+
+    (tmp_path / "empty" / "teacher").mkdir(parents=True)
+    for store in (tmp_path / "empty", tmp_path / "missing"):
+        assert cli.main(["runs", "ls", "--store", str(store), "--stage", "kd"]) == 0
+        assert capsys.readouterr().out == f"no artifacts in {store} yet\n"
+    assert not (tmp_path / "missing").exists()  # ls creates nothing
+    assert cli.main(["runs", "ls", "--store", str(tmp_path / "missing"),
+                     "--where", "optim.lrr=1"]) == 2
+    assert "did you mean 'optim.lr'" in capsys.readouterr().err
+    assert cli.main(["runs", "show", "abc", "--store", str(tmp_path / "missing")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+
+
 # -- cmkg runs show / diff / gc -----------------------------------------------------------------
 
 @pytest.fixture(scope="module")
