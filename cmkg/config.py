@@ -169,7 +169,7 @@ class ReductionConfig:
 class RegularizerConfig:
     """R(theta) of the target stage (Table 2) and the form whose phi the meta stage learns."""
 
-    form: str = "weighted_l2"  # none | l1 | l2 | weighted_l1 | weighted_l2
+    form: str = "weighted_l2"  # a row of cmkg.forms.FORMS (none, l1, l2, weighted_l1, weighted_l2)
     sigma: float = 1.0e-5  # constant weight of l1 / l2
     params: str = "weights"  # weights (conv + linear weights) | all
     phi_param: str = "free"  # free (the paper's, may go negative) | softplus (phi > 0)
@@ -480,7 +480,7 @@ def validate(cfg: Config) -> list[str]:
         value = getattr(cfg.reduction, term)
         check(value in choices, f"reduction.{term}",
               f"must be {' or '.join(choices)}, got {value!r}")
-    from cmkg.regularizers import FORMS
+    from cmkg.forms import FORMS  # torch-free: the rows of the regularizer forms
 
     r = cfg.regularizer
     check(r.form in FORMS, "regularizer.form", f"{r.form!r} is not one of {', '.join(FORMS)}")

@@ -6,6 +6,10 @@
     weighted_l1   R = sum_i phi_i |theta_i|
     weighted_l2   R = sum_i phi_i theta_i^2                       (Eq. 10)
 
+Each form is a row of ``cmkg.forms.FORMS`` (its penalty, whether phi weights it, whether sigma
+scales it); ``forward`` and ``grad`` read the row and ``PENALTIES``, so a new form is a row
+there and, for a new penalty, one entry here.
+
 One phi per parameter element of the regularised tensors: by default every convolution and
 linear weight (``params="weights"``), or every parameter (``params="all"``).
 
@@ -30,8 +34,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-FORMS = ("none", "l1", "l2", "weighted_l1", "weighted_l2")
-WEIGHTED = ("weighted_l1", "weighted_l2")
+from cmkg import forms
+
+# the forms are rows of cmkg.forms.FORMS (torch-free); these names stay for their importers
+FORMS = forms.names()
+WEIGHTED = forms.weighted_forms()
+
+# the elementwise penalties h(theta) a form's row names: (value, dh/dtheta), the one function a
+# new penalty adds. sign' = 0 for abs.
+PENALTIES = {
+    "abs": (lambda t: t.abs(), lambda t: torch.sign(t)),
+    "square": (lambda t: t.pow(2), lambda t: 2.0 * t),
+}
 
 
 def regularised_names(model: nn.Module, which: str = "weights") -> list[str]:
@@ -62,21 +76,22 @@ class Regularizer(nn.Module):
     def __init__(self, form: str, shapes: dict[str, torch.Size], *, sigma: float = 0.0,
                  phi_param: str = "free", phi_init: float = 0.0):
         super().__init__()
-        if form not in FORMS:
-            raise ValueError(f"unknown regularizer {form!r}; choose one of {', '.join(FORMS)}")
+        if form not in forms.FORMS:
+            raise ValueError(f"unknown regularizer {form!r}; "
+                             f"choose one of {', '.join(forms.FORMS)}")
         if phi_param not in ("free", "softplus"):
             raise ValueError(f"phi parametrisation must be 'free' or 'softplus', got {phi_param!r}")
         self.form, self.sigma, self.phi_param = form, float(sigma), phi_param
         self.names = list(shapes)
         self.raw = nn.ParameterList()
-        if form in WEIGHTED:
+        if forms.weighted(form):
             init = _raw_init(phi_init, phi_param)
             for shape in shapes.values():
                 self.raw.append(nn.Parameter(torch.full(tuple(shape), init)))
 
     @property
     def weighted(self) -> bool:
-        return self.form in WEIGHTED
+        return forms.weighted(self.form)
 
     def phi(self) -> list[Tensor]:
         """phi per regularised tensor (differentiable in ``raw``)."""
@@ -85,32 +100,27 @@ class Regularizer(nn.Module):
         return list(self.raw)
 
     def forward(self, theta: dict[str, Tensor]) -> Tensor:
-        """R at ``theta`` (a name -> tensor mapping holding at least ``self.names``)."""
-        if self.form == "none":
+        """R at ``theta`` (a name -> tensor mapping holding at least ``self.names``): the sum of
+        the form's penalty h, times sigma or times each weight's phi (``cmkg.forms``)."""
+        row = forms.FORMS[self.form]
+        if row.penalty is None:
             return next(iter(theta.values())).new_zeros(())
+        h = PENALTIES[row.penalty][0]
         ts = [theta[n] for n in self.names]
-        if self.form == "l1":
-            return self.sigma * sum(t.abs().sum() for t in ts)
-        if self.form == "l2":
-            return self.sigma * sum(t.pow(2).sum() for t in ts)
-        phis = self.phi()
-        if self.form == "weighted_l1":
-            return sum((p * t.abs()).sum() for p, t in zip(phis, ts))
-        return sum((p * t.pow(2)).sum() for p, t in zip(phis, ts))
+        if row.weighted:
+            return sum((p * h(t)).sum() for p, t in zip(self.phi(), ts))
+        return self.sigma * sum(h(t).sum() for t in ts)
 
     def grad(self, theta: dict[str, Tensor]) -> dict[str, Tensor]:
         """dR/dtheta in closed form, differentiable in phi and theta (sign' = 0 for l1)."""
         ts = {n: theta[n] for n in self.names}
-        if self.form == "none":
+        row = forms.FORMS[self.form]
+        if row.penalty is None:
             return {n: torch.zeros_like(t) for n, t in ts.items()}
-        if self.form == "l1":
-            return {n: self.sigma * torch.sign(t) for n, t in ts.items()}
-        if self.form == "l2":
-            return {n: 2.0 * self.sigma * t for n, t in ts.items()}
-        phis = self.phi()
-        if self.form == "weighted_l1":
-            return {n: p * torch.sign(t) for p, (n, t) in zip(phis, ts.items())}
-        return {n: 2.0 * p * t for p, (n, t) in zip(phis, ts.items())}
+        dh = PENALTIES[row.penalty][1]
+        if row.weighted:
+            return {n: p * dh(t) for p, (n, t) in zip(self.phi(), ts.items())}
+        return {n: self.sigma * dh(t) for n, t in ts.items()}
 
     def set_phi(self, phis: list[Tensor]) -> None:
         """Overwrite phi (one tensor per regularised parameter), through the parametrisation:

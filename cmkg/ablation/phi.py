@@ -45,7 +45,7 @@ from cmkg.console import duration, say
 from cmkg.data import HandDataset
 from cmkg.data.dataset import prepare_batch
 from cmkg.errors import ConfigError, DataError, UserError
-from cmkg.regularizers import WEIGHTED
+from cmkg.forms import weighted, weighted_forms
 from cmkg.report.phi import COMPARISONS, KIND, VERSION, phi_markdown, render_phi
 
 ORDER_OFFSET = 1000  # the order variant's meta.order_seed = seed + ORDER_OFFSET
@@ -73,9 +73,9 @@ def base_config(base: str | None, overrides: list[str]) -> config_mod.Config:
                 for k, v in (("teacher", cfg.meta.teacher), ("order_seed", cfg.meta.order_seed),
                              ("subset", cfg.meta.subset))
                 if v != getattr(config_mod.MetaConfig(), k)]
-    if cfg.regularizer.form not in WEIGHTED:
+    if not weighted(cfg.regularizer.form):
         problems.append(f"regularizer.form: the meta stage learns phi of a weighted form "
-                        f"({', '.join(WEIGHTED)}), got {cfg.regularizer.form}")
+                        f"({', '.join(weighted_forms())}), got {cfg.regularizer.form}")
     if problems:
         raise ConfigError(src, problems)
     return cfg

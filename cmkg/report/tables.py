@@ -261,7 +261,7 @@ def _planted_section(spec: dict, records: list[dict]) -> list[str]:
         if not found:
             continue
 
-        def mean(stage: str, key: str) -> str:
+        def mean(stage: str, key: str, found=found) -> str:
             return _g(_mean([f[stage].get(key) for f in found if stage in f]))
 
         rows.append([r["label"], str(len(found)), mean("target", "weight_ratio"),

@@ -16,31 +16,39 @@ Train workers.
 
 from cmkg.stages.artifacts import Artifact, Store, code_version, open_artifact, writer_lock
 from cmkg.stages.build import StageRun, build_stage, calibrate, ensure_dataset, make_loaders
-from cmkg.stages.defs import (DEFS, MODALITY, STAGES, StageDef, depends, planted, stage_arch,
-                               stage_datasets)
+from cmkg.stages.defs import (
+                               DEFS,
+                               MODALITY,
+                               STAGES,
+                               StageDef,
+                               depends,
+                               planted,
+                               stage_arch,
+                               stage_datasets,
+)
 from cmkg.stages.plan import (
-    STAGE_VERSION,
-    Node,
-    dataset_identity,
-    plan,
-    stage_key,
-    stage_spec,
+                               STAGE_VERSION,
+                               Node,
+                               dataset_identity,
+                               plan,
+                               stage_key,
+                               stage_spec,
 )
 from cmkg.stages.run import (
-    PHI_PERCENTILES,
-    PartialFolder,
-    checkpoint_blob,
-    fit_stage,
-    phi_summary,
-    publish,
-    resolve_device,
-    restore,
-    run_node,
-    run_plan,
-    run_stage,
-    train_in_process,
-    train_node,
-    upstream_of,
+                               PHI_PERCENTILES,
+                               PartialFolder,
+                               checkpoint_blob,
+                               fit_stage,
+                               phi_summary,
+                               publish,
+                               resolve_device,
+                               restore,
+                               run_node,
+                               run_plan,
+                               run_stage,
+                               train_in_process,
+                               train_node,
+                               upstream_of,
 )
 
 __all__ = [

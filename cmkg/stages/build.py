@@ -21,8 +21,9 @@ from cmkg.console import say
 from cmkg.data import HandDataset, identity_collate, synth_source, synthesize
 from cmkg.data.dataset import prepare_batch
 from cmkg.errors import DataError, UserError
+from cmkg.forms import weighted, weighted_forms
 from cmkg.meta import meta_iteration, phi_bounds
-from cmkg.regularizers import WEIGHTED, Regularizer
+from cmkg.regularizers import Regularizer
 from cmkg.stages.artifacts import Artifact
 from cmkg.stages.defs import DEFS, planted, prior_input, stage_datasets
 from cmkg.train import distillation_objective, regression_objective, regularized_objective
@@ -193,9 +194,9 @@ def _meta_learning(run: StageRun, cfg: Config, upstream: dict[str, Artifact],
         teacher = adapter = None
         run.trainable = torch.nn.ModuleDict({"student": model})
     run.optimizers = [_adam(cfg, run.trainable.parameters())]
-    if r.form not in WEIGHTED:
+    if not weighted(r.form):
         raise UserError(f"regularizer.form={r.form}: the meta stage learns phi of a "
-                        f"weighted form ({', '.join(WEIGHTED)})")
+                        f"weighted form ({', '.join(weighted_forms())})")
     reg = regularizers.build(r.form, model, params=r.params, phi_param=r.phi_param,
                              phi_init=r.phi_init).to(device)
     run.regularizer = reg
@@ -230,7 +231,7 @@ def _target(run: StageRun, cfg: Config, spec: dict, upstream: dict[str, Artifact
     calibration's scale and cap. Everything downstream (the objective, the diagnostics' D, the
     ``phi_applied`` histogram) sees that phi."""
     r, model = cfg.regularizer, run.model
-    if r.form in WEIGHTED:
+    if weighted(r.form):
         base = (_learned_prior(upstream["meta"], cfg, spec, model) if r.phi_source == "meta"
                 else _weights_prior(upstream[prior_input(cfg)], cfg, model))
         reg = regularizers.applied(base, strength=r.strength, sign=r.sign,
@@ -238,7 +239,7 @@ def _target(run: StageRun, cfg: Config, spec: dict, upstream: dict[str, Artifact
     else:
         reg = regularizers.build(r.form, model, params=r.params, sigma=r.sigma)
     run.regularizer = reg = reg.to(device)
-    if r.form in WEIGHTED and r.calibrate_d is not None:
+    if weighted(r.form) and r.calibrate_d is not None:
         run.calibration = calibrate(run, cfg, spec, device)
     run.wrapped = wrap(model)
     run.loss_fn = regularized_objective(run.wrapped, reg, model, reduction=asdict(cfg.reduction))

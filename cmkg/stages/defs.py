@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from cmkg.config import PRIOR_INPUT, STAGES
-from cmkg.regularizers import WEIGHTED  # the forms of Eq. (10): they need phi_META
+from cmkg.forms import weighted as weighted_form  # the forms of Eq. (10): they need a phi
 
 if TYPE_CHECKING:
     from cmkg.config import Config, DataSpec
@@ -61,7 +61,7 @@ MODALITY = {name: d.modality for name, d in DEFS.items()}
 def depends(stage: str, cfg: Config) -> tuple[str, ...]:
     """Upstream stages of ``stage`` under ``cfg``."""
     d = DEFS[stage]
-    weighted = d.prior and cfg.regularizer.form in WEIGHTED
+    weighted = d.prior and weighted_form(cfg.regularizer.form)
     inputs = d.inputs
     if d.learns_prior and not cfg.meta.teacher:  # G = L_REG: the teacher-free meta control
         inputs = tuple(i for i in inputs if i != "teacher")

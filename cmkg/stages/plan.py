@@ -18,11 +18,10 @@ from cmkg import storage
 from cmkg.config import Config, DataSpec, averaged_epochs, digest, knobs_of
 from cmkg.data import read_manifest, synth_source
 from cmkg.errors import DataError, UserError
+from cmkg.forms import uses_sigma, weighted
 from cmkg.losses import DEFAULT_REDUCTION
-from cmkg.regularizers import WEIGHTED
 from cmkg.stages.artifacts import Artifact, open_artifact
-from cmkg.stages.defs import (DEFS, STAGES, depends, planted, prior_input, stage_arch,
-                               stage_datasets)
+from cmkg.stages.defs import DEFS, STAGES, depends, planted, prior_input, stage_arch, stage_datasets
 
 STAGE_VERSION = 2  # bump when a stage's meaning changes, to invalidate cached artifacts
 # 2: run.eval_every in the key (it decides which epoch's weights are kept)
@@ -68,13 +67,13 @@ def stage_spec(stage: str, cfg: Config, inputs: dict[str, str]) -> dict:
                                "phi_init": r.phi_init, "phi_clip": r.phi_clip}
     if d.prior:
         spec["regularizer"] = {"form": r.form, "params": r.params}
-        if r.form in ("l1", "l2"):
+        if uses_sigma(r.form):  # the form's row says sigma scales it (cmkg.forms)
             spec["regularizer"]["sigma"] = r.sigma
-        if r.form in WEIGHTED and r.calibrate_d is not None:  # absent: keys stay as before
+        if weighted(r.form) and r.calibrate_d is not None:  # absent: keys stay as before
             spec["regularizer"].update(calibrate_d=r.calibrate_d, d_cap=r.d_cap)
-        if r.form in WEIGHTED:
+        if weighted(r.form):
             spec["regularizer"].update(_applied_prior(cfg))
-        if r.form in WEIGHTED and r.phi_source != "meta":  # absent at meta: keys as before
+        if weighted(r.form) and r.phi_source != "meta":  # absent at meta: keys as before
             spec["regularizer"].update(phi_source=r.phi_source, phi_eps=r.phi_eps)
     # the loss reductions of the terms a stage uses enter its key only where they differ from
     # the defaults: the defaults are the behaviour from before reductions were a choice, so the
