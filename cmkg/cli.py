@@ -192,7 +192,7 @@ def _add_phi_parser(sub) -> None:
 
 
 def _add_data_parsers(sub) -> None:
-    from cmkg.synth import DOMAINS
+    from cmkg.domains import DOMAINS  # torch-free: --help stays light
 
     data = sub.add_parser("data", help="create and inspect datasets").add_subparsers(
         dest="data_command", required=True, parser_class=_Parser)

@@ -32,6 +32,9 @@ KEEP = ("best_val", "final", "average")  # optim.keep
 SIGNS = ("learned", "positive")  # regularizer.sign
 PHI_CONTROLS = ("none", "permuted", "uniform", "other_seed")  # regularizer.phi_control
 PHI_SOURCES = ("meta", "oracle", "source_weights")  # regularizer.phi_source
+BACKBONES = ("resnet10", "resnet18", "resnet50")  # model.teacher / model.student (cmkg.models)
+# reduction.TERM: the first choice is each term's default (cmkg.losses)
+REDUCTIONS = {"reg": ("sum", "mean"), "act": ("mean", "sum"), "att": ("mean", "sum")}
 # the stage each phi source reads (cmkg.stages.defs.depends): its phi, or the weights of 1/theta^2
 PRIOR_INPUT = {"meta": "meta", "oracle": "target", "source_weights": "kd"}
 
@@ -272,7 +275,7 @@ def knobs_of(spec: DataSpec, cfg: Config) -> dict:
 
 
 def _check_knobs(domain: str, k: DomainKnobs, key: str, check) -> None:
-    from cmkg import synth  # the renderer's tables; a function-level import keeps config light
+    from cmkg import domains as synth  # the renderer's catalogue, torch-free
 
     for name in ("azimuth", "elevation", "roll"):
         v = getattr(k, name)
@@ -400,8 +403,7 @@ def _merge(base: dict, over: dict) -> dict:
 
 def validate(cfg: Config) -> list[str]:
     """Range and choice checks; returns every problem found."""
-    from cmkg.models import BACKBONES
-    from cmkg.synth import DOMAINS
+    from cmkg.domains import DOMAINS  # torch-free, like every vocabulary validate reads
 
     p = []
 
@@ -474,8 +476,6 @@ def validate(cfg: Config) -> list[str]:
     check(cfg.distill.lambda_att >= 0, "distill.lambda_att", "must be >= 0")
     check(bool(cfg.distill.att_layers) and all(1 <= i <= 4 for i in cfg.distill.att_layers),
           "distill.att_layers", f"must list layers among 1..4, got {cfg.distill.att_layers}")
-    from cmkg.losses import REDUCTIONS
-
     for term, choices in REDUCTIONS.items():
         value = getattr(cfg.reduction, term)
         check(value in choices, f"reduction.{term}",

@@ -27,8 +27,9 @@ from collections.abc import Mapping
 import torch.nn.functional as F
 from torch import Tensor
 
-# the choices per term, the default first; the default is what the code did before it was a choice
-REDUCTIONS = {"reg": ("sum", "mean"), "act": ("mean", "sum"), "att": ("mean", "sum")}
+from cmkg.config import REDUCTIONS  # the choices per term (torch-free), the default first
+
+# the default is what the code did before it was a choice
 DEFAULT_REDUCTION = {term: choices[0] for term, choices in REDUCTIONS.items()}
 
 

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torchvision.models import resnet18, resnet50
 from torchvision.models.resnet import BasicBlock, ResNet
 
+from cmkg.config import BACKBONES as BACKBONE_NAMES
 from cmkg.hand import NUM_JOINTS
 
 BACKBONES = {
@@ -25,6 +26,7 @@ BACKBONES = {
     "resnet50": lambda: resnet50(weights=None),
 }
 MODALITY_CHANNELS = {"rgb": 3, "depth": 1}
+assert tuple(BACKBONES) == BACKBONE_NAMES, "cmkg.config.BACKBONES and the backbone table disagree"
 
 
 class PoseNet(nn.Module):

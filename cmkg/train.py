@@ -49,7 +49,7 @@ def regression_objective(model: nn.Module, modality: str, *,
                          reduction: Mapping[str, str] | None = None) -> LossFn:
     """L_REG of the model on one modality (teacher: depth, student: rgb).
 
-    ``reduction``: term -> reduction (``cmkg.losses.REDUCTIONS``), here only ``reg`` is read."""
+    ``reduction``: term -> reduction (``cmkg.config.REDUCTIONS``), here only ``reg`` is read."""
     red = reductions(reduction)["reg"]
 
     def loss_fn(batch):

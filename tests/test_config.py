@@ -115,3 +115,14 @@ def test_cli_eval_predictions_prints_json(tmp_path, capsys):
     assert cli.main(["eval-predictions", "--pred", str(tmp_path / "short.npy"), "--gt",
                      str(tmp_path / "g.npy")]) == 2
     assert "expected shape (N, 21, 3)" in capsys.readouterr().err
+
+
+def test_loading_a_config_and_building_the_cli_import_no_torch():
+    """config.load validates against torch-free vocabularies (cmkg.forms, cmkg.domains, the
+    backbone and reduction names in cmkg.config), so a bad config fails at once and
+    `cmkg --help` starts without torch."""
+    code = ("import sys; from cmkg import cli, config; config.load('cpu'); cli.build_parser(); "
+            "bad = [m for m in ('torch', 'torchvision') if m in sys.modules]; "
+            "assert not bad, bad")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
