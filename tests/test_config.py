@@ -126,3 +126,17 @@ def test_loading_a_config_and_building_the_cli_import_no_torch():
             "assert not bad, bad")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+def test_runs_and_report_import_no_torch(tmp_path):
+    """`cmkg runs ls` and `cmkg report` read records and metadata only: no torch import."""
+    results = Path(__file__).resolve().parent.parent / "reports" / "positive" / "results"
+    code = ("import sys; from cmkg import cli; "
+            f"assert cli.main(['runs', 'ls', '--store', {str(tmp_path / 'store')!r}]) == 0; "
+            f"assert cli.main(['report', '--results', {str(results)!r}, "
+            f"'--report', {str(tmp_path / 'report')!r}]) == 0; "
+            "bad = [m for m in ('torch', 'torchvision') if m in sys.modules]; "
+            "assert not bad, bad")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "report" / "positive.md").is_file()
