@@ -147,6 +147,17 @@ def _add_resource_args(p: argparse.ArgumentParser, cpus_default: int | None) -> 
     _add_address_arg(p)
 
 
+def _slot_list(text: str) -> list[int]:
+    """``--predict 1,2,8``: slot counts >= 1."""
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        out = []
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"expected slot counts >= 1 such as 1,2,8, got {text!r}")
+    return out
+
+
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     _add_config_args(p)
     _add_resource_args(p, cpus_default=1)
@@ -157,6 +168,10 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    "seeds; 0: the report seeds choose (default: the ablation file's)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the cells and stages, cached and to train, and the work; no training")
+    p.add_argument("--predict", type=_slot_list, metavar="N[,N...]",
+                   help="with --dry-run: the predicted wall time on N one-stage task slots "
+                   "(e.g. 1,2,8), the critical path and the stage time per kind, from the "
+                   "store's finished stages (docs/performance.md)")
     p.add_argument("--report", help="report folder (default: {store}/reports/{preset}; "
                    "the committed one is --report reports)")
     p.add_argument("--force", action="store_true",
@@ -488,6 +503,8 @@ def _cmd_ablate(args) -> int:
     if phi_seeds < 0:
         raise UserError(f"--phi-seeds must be >= 0 (0 skips the phi diagnostics), got "
                         f"{phi_seeds}")
+    if args.predict and not args.dry_run:
+        raise UserError("--predict goes with --dry-run: it plans, it trains nothing")
     files = _ablation_files(args)
     report_dir = args.report or _default_report(args.config, overrides)
     if phi_seeds:  # its checks and overwrite guard before the tables train anything
@@ -496,7 +513,8 @@ def _cmd_ablate(args) -> int:
                           choice_seeds=args.choice_seeds, dry=args.dry_run,
                           report_dir=report_dir, force=args.force, address=args.address,
                           cpus_per_worker=args.cpus_per_worker,
-                          gpus_per_worker=args.gpus_per_worker, workers=args.workers)
+                          gpus_per_worker=args.gpus_per_worker, workers=args.workers,
+                          predict=args.predict)
     if phi_seeds:
         status = max(status, _phi_step(args, overrides, report_dir))
     return status

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from cmkg import report, stages, tracking
+from cmkg.ablation import schedule
 from cmkg.ablation.cells import (
     Cell,
     choose,
@@ -46,9 +47,11 @@ def status_line(cells: list[Cell], nodes: list[stages.Node], cached: set) -> str
             f"{len(nodes)} stages: {n_cached} cached, {len(nodes) - n_cached} to train")
 
 
-def dry_run(abs_cells: list[tuple[Ablation, list[Cell]]], store: stages.Store) -> str:
+def dry_run(abs_cells: list[tuple[Ablation, list[Cell]]], store: stages.Store,
+            predict: list[int] | None = None) -> str:
     """The cells, the unique stages they need, which are cached and which would be trained,
-    and the estimated work; trains nothing."""
+    and the estimated work; with ``predict`` (slot counts), the predicted wall time on that
+    many one-stage slots (``prediction``); trains nothing."""
     lines = []
     everything = [c for _, cells in abs_cells for c in cells]
     found = {n.id: store.get(n.stage, n.key) for n in union(everything)}
@@ -95,7 +98,57 @@ def dry_run(abs_cells: list[tuple[Ablation, list[Cell]]], store: stages.Store) -
         lines.append("of which trained once the choices are made (one value per choose row, "
                      "column and report seed): " + (after[0][len("to train: "):] if after
                                                      else "nothing"))
+    if predict:
+        first = [c for ab, cells in abs_cells for c in first_round(ab, cells)]
+        lines += prediction([union(first), union(kept)], found, predict)
     return "\n".join(lines)
+
+
+def prediction(rounds: list[list[stages.Node]], found: dict, slots: list[int]) -> list[str]:
+    """A dry run's prediction lines: the wall time of the stages to train (``rounds``: the
+    first round's nodes, then every node of the run, whose new ones are the second round's,
+    trained after the choices) on each count of ``slots``, under the runner's order and
+    critical-path first, beside the lower bound; the critical path; the stage time per kind.
+    Finished stages in ``found`` give their measured seconds and the per-kind rates
+    (``schedule``); the same prediction from scratch (every stage trained again) follows."""
+    work_of = {n.id: work(n) for r in rounds for n in r}
+    rate = schedule.rates(found, work_of)
+    if not rate:
+        return ["predicted wall: no finished stage in the store to estimate a rate from"]
+    out = []
+    for title, scratch in (("the stages to train", False), ("from scratch", True)):
+        seen, jobs_of = set(), []
+        for r in rounds:
+            jobs = []
+            for n in r:
+                if n.id in seen or (not scratch and found.get(n.id) is not None):
+                    continue
+                seen.add(n.id)
+                art = found.get(n.id)
+                dur = (art.meta.get("duration_s") if art is not None else None) or \
+                    schedule.estimate(n.stage, work_of[n.id], rate)
+                jobs.append(schedule.Job(n.id, n.stage, float(dur), tuple(n.inputs.items())))
+            jobs_of.append(jobs)
+        every = [j for r in jobs_of for j in r]
+        if not every:
+            out.append(f"predicted wall ({title}): nothing to train")
+            continue
+        total = duration(sum(j.duration for j in every))
+        out.append(f"predicted wall ({title}; {len(every)} stages, {total} of stage time; the "
+                   "second round, the chosen values, after the first):")
+        out.append("  slots  runner order  critical path first  lower bound")
+        for p in schedule.predictions(jobs_of, slots):
+            out.append(f"  {p['slots']:5d}  {duration(p['submission']):>12s}  "
+                       f"{duration(p['critical']):>19s}  {duration(p['bound']):>11s}")
+        length, path = schedule.critical_path(every)
+        out.append(f"  critical path {duration(length)}: "
+                   + " -> ".join(f"{j.kind} {duration(j.duration)}" for j in path))
+        kinds: dict[str, list[float]] = {}
+        for j in every:
+            kinds.setdefault(j.kind, []).append(j.duration)
+        out.append("  stage time per kind: " + ", ".join(
+            f"{k} {len(v)} x {duration(float(np.mean(v)))}" for k, v in kinds.items()))
+    return out
 
 
 def stage_listing(nodes: list[stages.Node], found: dict) -> tuple[list[str], list[str]]:
@@ -279,7 +332,8 @@ def _summary(cells: list[Cell], nodes: list, todo: list, done: dict, failed: dic
 def run(paths: list[str], base_config: str | None, overrides: list[str], *,
         seeds: int | None = None, choice_seeds: int | None = None, dry: bool = False,
         report_dir: str | Path = "reports", force: bool = False, address: str | None = None, cpus_per_worker: int = 1,
-        gpus_per_worker: float = 0.0, workers: int = 0, execute=None) -> int:
+        gpus_per_worker: float = 0.0, workers: int = 0, execute=None,
+        predict: list[int] | None = None) -> int:
     """Load the ablation files, expand and plan every cell, train what the store lacks, write
     one record per cell and render the report. Returns the exit status: 1 if any cell failed.
 
@@ -306,7 +360,7 @@ def run(paths: list[str], base_config: str | None, overrides: list[str], *,
         check_overwrite(results, cells_of, preset)
     store = stages.Store.of(cells[0].cfg)
     if dry:
-        print(dry_run(cells_of, store))
+        print(dry_run(cells_of, store, predict=predict))
         return 0
     tracking.annotate_cells(cells)  # run.tracking: the tables and rows each stage serves
     first = [c for ab, cs in cells_of for c in first_round(ab, cs)]
