@@ -100,18 +100,20 @@ def dry_run(abs_cells: list[tuple[Ablation, list[Cell]]], store: stages.Store,
                                                      else "nothing"))
     if predict:
         first = [c for ab, cells in abs_cells for c in first_round(ab, cells)]
-        lines += prediction([union(first), union(kept)], found, predict)
+        lines += prediction([union(first), union(kept)], found, predict, union(everything))
     return "\n".join(lines)
 
 
-def prediction(rounds: list[list[stages.Node]], found: dict, slots: list[int]) -> list[str]:
+def prediction(rounds: list[list[stages.Node]], found: dict, slots: list[int],
+               planned: list[stages.Node]) -> list[str]:
     """A dry run's prediction lines: the wall time of the stages to train (``rounds``: the
     first round's nodes, then every node of the run, whose new ones are the second round's,
     trained after the choices) on each count of ``slots``, under the runner's order and
     critical-path first, beside the lower bound; the critical path; the stage time per kind.
     Finished stages in ``found`` give their measured seconds and the per-kind rates
-    (``schedule``); the same prediction from scratch (every stage trained again) follows."""
-    work_of = {n.id: work(n) for r in rounds for n in r}
+    (``schedule``; ``planned``: every node ``found`` holds, for their work); the same
+    prediction from scratch (every stage trained again) follows."""
+    work_of = {n.id: work(n) for n in planned}
     rate = schedule.rates(found, work_of)
     if not rate:
         return ["predicted wall: no finished stage in the store to estimate a rate from"]
