@@ -2,8 +2,8 @@
 
 The README has users pass artifact folders (``--set regularizer.prior=runs/meta/<key>``);
 ``cmkg runs ls`` finds them. ``index`` reads every finished artifact of a store
-(``{store}/{stage}/{key[:20]}/`` with its ``meta.json``; ``.partial`` folders, writer locks and
-temporary ``.tmp-*`` folders are not artifacts), ``select`` filters by stage, seed and config
+(``{store}/{stage}/{key[:20]}/`` with its ``meta.json``; ``.partial`` folders, writer locks,
+temporary ``.tmp-*`` folders and corrupt artifacts set aside as ``.corrupt-*`` are not artifacts), ``select`` filters by stage, seed and config
 entries (``optim.lr=1e-3``), ``format_table`` prints one line per artifact with the config
 entries that differ from its preset.
 
@@ -104,7 +104,7 @@ def index(store: str | Path, missing_ok: bool = False) -> list[Entry]:
         for info in sorted(found, key=lambda i: i.base_name):
             name = info.base_name
             if (info.type != pafs.FileType.Directory or name.startswith(".")
-                    or name.endswith((".partial", ".lock"))):
+                    or name.endswith((".partial", ".lock")) or ".corrupt-" in name):
                 continue
             entry = _entry(fs, info.path, f"{shown}/{stage}/{name}")
             if entry is not None:

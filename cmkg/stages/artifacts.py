@@ -8,6 +8,8 @@ An *artifact* is the folder ``{store}/{stage}/{key[:20]}`` of a finished stage:
     config.yaml   the full resolved config
     meta.json     key, the spec it hashes, input artifact keys, data fingerprints, code
                   version, device, timings
+    digest.json   sha256 of each file above, written last before the publishing rename (not part
+                  of any key or record; artifacts published before it existed have none)
 
 Beside it live the two files of a stage in progress, and nowhere else:
 
@@ -18,6 +20,12 @@ Beside it live the two files of a stage in progress, and nowhere else:
 
 A store is a local folder or a pyarrow filesystem URI (``s3://...``) mirrored into a local
 cache (``cmkg.storage``); artifacts are published locally, then uploaded.
+
+Every cache hit (``Store.get``) and every input given by path (``open_artifact``) is checked
+first (``check_artifact``): against ``digest.json``, or, for an artifact without one, cheaply
+(files present and non-empty, JSON parses, ``.pt`` files have their zip directory). A corrupt
+cached artifact is renamed ``{key[:20]}.corrupt-<time>`` with one line naming the file, and the
+stage retrains; a corrupt explicit input is a DataError naming the file.
 """
 
 from __future__ import annotations
@@ -25,11 +33,15 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import hashlib
 import json
 import os
+import pickle
 import shutil
 import socket
 import subprocess
+import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +49,7 @@ import pyarrow.fs as pafs
 import torch
 
 from cmkg import __version__, models, storage
-from cmkg.atomic import atomic_path
+from cmkg.atomic import atomic_path, write_json
 from cmkg.config import Config
 from cmkg.console import say
 from cmkg.errors import DataError
@@ -62,19 +74,34 @@ class Artifact:
         """The learned prior of a meta stage (Eq. 10), phi frozen."""
         if not (self.path / "phi.pt").is_file():
             raise DataError(f"{self.path}: not a meta stage folder (no phi.pt)")
-        state = torch.load(self.path / "phi.pt", map_location="cpu", weights_only=True)
+        state = _torch_load(self.path / "phi.pt", "cpu")
         return Regularizer.from_phi_state(state).requires_grad_(False)
 
     def load_model(self, device: torch.device | str = "cpu") -> models.PoseNet:
-        blob = torch.load(self.path / "model.pt", map_location=device, weights_only=True)
+        blob = _torch_load(self.path / "model.pt", device)
         net = models.build(blob["arch"], blob["modality"], blob.get("extra_channels", 0))
         net.load_state_dict(blob["state_dict"])
         return net.to(device)
 
 
+def _torch_load(path: Path, device: torch.device | str):
+    """``torch.load`` of an artifact's weights; a file it cannot read (an artifact without a
+    digest whose corruption the cheap check missed) is a DataError naming it, not a traceback."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        # torch's unpickling error is paragraphs about weights_only: its class says enough
+        lines = str(e).strip().splitlines()
+        first = lines[0] if lines and not isinstance(e, pickle.UnpicklingError) else \
+            type(e).__name__
+        raise DataError(f"{path}: cannot be loaded ({first}): a corrupt artifact; move "
+                        f"{path.parent} aside (a stage of the store then trains again)") from None
+
+
 def open_artifact(path: str | Path, cfg: Config | None = None, key: str = "inputs") -> Artifact:
     """A finished stage folder given by path or URI (``inputs.teacher``, ``regularizer.prior``);
-    a URI is mirrored into ``{data.root}/artifacts`` first."""
+    a URI is mirrored into ``{data.root}/artifacts`` first. A corrupt one (``check_artifact``)
+    is a DataError naming the file: it is the user's folder, left as it is."""
     if storage.is_uri(path):
         root = Path(cfg.data.root if cfg else "data") / "artifacts"
         path = storage.mirror(str(path), root, key, storage.COMMIT_FILE)
@@ -83,7 +110,88 @@ def open_artifact(path: str | Path, cfg: Config | None = None, key: str = "input
         meta = json.loads((path / "meta.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise DataError(f"{path}: not a finished cmkg stage folder ({e})") from None
+    problem = check_artifact(path)
+    if problem is not None:
+        raise DataError(f"{key}={path}: corrupt artifact: {problem}")
     return Artifact(meta["stage"], meta["key"], path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Digests: what a cache hit checks
+# ---------------------------------------------------------------------------------------------
+
+DIGEST_FILE = "digest.json"
+REQUIRED = ("model.pt", "metrics.json", "config.yaml", "meta.json")  # every stage's files
+_SOUND: dict[Path, tuple] = {}  # folder -> the stat of its files when last found sound
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_digest(folder: Path) -> None:
+    """``digest.json``: the sha256 of every file of the (partial) artifact folder ``folder``."""
+    files = sorted(p for p in Path(folder).iterdir() if p.is_file() and p.name != DIGEST_FILE
+                   and not p.name.startswith("."))
+    write_json(Path(folder) / DIGEST_FILE, {"sha256": {p.name: _sha256(p) for p in files}})
+
+
+def check_artifact(folder: Path) -> str | None:
+    """Why the artifact folder ``folder`` is unusable, naming the file; None when it is sound.
+
+    With ``digest.json``: every file it lists is there with that sha256. Without (an artifact
+    published before digests): the stage's files are there and non-empty, the JSON files parse
+    and the ``.pt`` files have a readable zip directory (what truncation destroys); the weights
+    are read whole only when loaded (``Artifact.load_model``). A folder found sound is not
+    hashed again in this process while its files' size, mtime and inode stay the same."""
+    folder = Path(folder)
+    try:
+        stat = tuple((p.name, s.st_size, s.st_mtime_ns, s.st_ino) for p in sorted(folder.iterdir())
+                     if p.is_file() for s in [p.stat()])
+    except OSError as e:
+        return f"{folder}: unreadable ({e})"
+    if _SOUND.get(folder) == stat:
+        return None
+    problem = _check_digest(folder) if (folder / DIGEST_FILE).exists() else _check_cheaply(folder)
+    if problem is None:
+        _SOUND[folder] = stat
+    return problem
+
+
+def _check_digest(folder: Path) -> str | None:
+    try:
+        recorded = json.loads((folder / DIGEST_FILE).read_text())["sha256"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{folder / DIGEST_FILE}: unreadable ({e})"
+    for name, digest in sorted(recorded.items()):
+        try:
+            if _sha256(folder / name) != digest:
+                return f"{folder / name}: sha256 differs from {DIGEST_FILE} (truncated or changed)"
+        except OSError as e:
+            return f"{folder / name}: unreadable ({e.strerror or e})"
+    return None
+
+
+def _check_cheaply(folder: Path) -> str | None:
+    names = [*REQUIRED, *(["phi.pt"] if (folder / "phi.pt").exists() else [])]
+    for name in names:
+        path = folder / name
+        try:
+            if path.stat().st_size == 0:
+                return f"{path}: empty"
+            if name.endswith(".json"):
+                json.loads(path.read_text())
+            elif name.endswith(".pt"):
+                zipfile.ZipFile(path).close()  # reads the central directory at the file's end
+        except FileNotFoundError:
+            return f"{path}: missing"
+        except (OSError, ValueError, zipfile.BadZipFile) as e:
+            return f"{path}: unreadable ({e})"
+    return None
 
 
 @functools.cache
@@ -113,6 +221,7 @@ class Store:
             self.fs, self.base = filesystem, str(root).rstrip("/")
         elif storage.is_uri(root):
             self.fs, self.base = storage.open_uri(str(root), "run.store")
+        self._corrupt_remote: set[tuple[str, str]] = set()  # downloaded once, found corrupt
         if self.fs is None:
             self.root = Path(root)
         else:
@@ -151,15 +260,40 @@ class Store:
         return str(self.final(stage, key))
 
     def get(self, stage: str, key: str) -> Artifact | None:
+        """The finished artifact of ``stage``/``key``, None if there is none or it is corrupt
+        (``check_artifact``; moved aside, so the caller trains it again). A remote store's
+        artifact is checked in the local mirror, after downloading it."""
         path = self.final(stage, key)
         if (path / storage.COMMIT_FILE).is_file():
-            self.commit(stage, key)  # a mirror whose upload was interrupted: finish it
-            return Artifact(stage, key, path)
-        if self.remote and storage.exists(self.fs, f"{self.location(stage, key)}/"
-                                                   f"{storage.COMMIT_FILE}"):
+            if self._sound(stage, key):
+                self.commit(stage, key)  # a mirror whose upload was interrupted: finish it
+                return Artifact(stage, key, path)
+        if (self.remote and (stage, key) not in self._corrupt_remote
+                and storage.exists(self.fs, f"{self.location(stage, key)}/{storage.COMMIT_FILE}")):
             storage.download_dir(self.fs, self.location(stage, key), path)
-            return Artifact(stage, key, path)
+            if self._sound(stage, key, remote=True):
+                return Artifact(stage, key, path)
+            self._corrupt_remote.add((stage, key))  # not again for the writer's second look
         return None
+
+    def _sound(self, stage: str, key: str, remote: bool = False) -> bool:
+        """Check the local folder of a finished artifact; a corrupt one is renamed
+        ``{key[:20]}.corrupt-<time>`` beside it (kept for a look, and never a cache hit again)
+        with one line naming the file. A corrupt remote copy stays where it is: this store
+        never deletes there; the stage retrains into the mirror."""
+        path = self.final(stage, key)
+        problem = check_artifact(path)
+        if problem is None:
+            return True
+        aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+        if aside.exists():
+            aside = aside.with_name(f"{aside.name}-{os.getpid()}")
+        with contextlib.suppress(FileNotFoundError):  # another process set it aside first
+            os.rename(path, aside)
+        where = f" (as downloaded from {self.describe(stage, key)})" if remote else ""
+        say(f"{stage}: corrupt artifact: {problem}{where}; moved aside to {aside.name}, to be "
+            "trained again")
+        return False
 
     def commit(self, stage: str, key: str) -> None:
         """Upload a published local artifact to a remote store (no-op for a local one)."""
@@ -178,6 +312,7 @@ class Store:
         if final.exists():
             shutil.rmtree(partial, ignore_errors=True)
         else:
+            write_digest(partial)  # last: what every later cache hit checks the files against
             os.rename(partial, final)
         self.commit(stage, key)
         return Artifact(stage, key, final)
