@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import pytest
+
 from cmkg import cli
 
 REPORTS = Path(__file__).resolve().parent.parent / "reports"
@@ -24,16 +26,19 @@ def test_cmkg_report_rebuilds_the_committed_markdown(tmp_path, capsys):
         assert (tmp_path / name).read_bytes() == (REPORTS / name).read_bytes(), name
 
 
-def test_the_positive_controls_report_is_apart_and_rebuilds(tmp_path, capsys):
-    """reports/positive/ holds the positive controls (ablations/positive.yaml): its own records
-    and report, rebuilt byte for byte, and none of its rows in the main report's verdicts."""
-    folder = REPORTS / "positive"
-    assert [p.name for p in (folder / "results").glob("*.parquet")] == ["positive.parquet"]
+@pytest.mark.parametrize("name, rows", [("positive", ("oracle", "source-weights")),
+                                        ("planted", ("planted", "source-weights"))])
+def test_the_positive_controls_reports_are_apart_and_rebuild(tmp_path, capsys, name, rows):
+    """reports/positive/ (ablations/positive.yaml) and reports/planted/ (ablations/planted.yaml)
+    hold the positive controls: each its own records and report, rebuilt byte for byte, and
+    none of their rows in the main report's verdicts."""
+    folder = REPORTS / name
+    assert [p.name for p in (folder / "results").glob("*.parquet")] == [f"{name}.parquet"]
     assert cli.main(["report", "--results", str(folder / "results"), "--report", str(tmp_path)]) == 0
     written = sorted(p.name for p in tmp_path.glob("*.md")) + \
         sorted(p.name for p in tmp_path.glob("*.csv"))
-    assert {"README.md", "positive.md", "positive.csv"} <= set(written)
-    for name in written:
-        assert (tmp_path / name).read_bytes() == (folder / name).read_bytes(), name
+    assert {"README.md", f"{name}.md", f"{name}.csv"} <= set(written)
+    for file in written:
+        assert (tmp_path / file).read_bytes() == (folder / file).read_bytes(), file
     main = (REPORTS / "README.md").read_text()
-    assert "oracle" not in main and "source-weights" not in main
+    assert not any(r in main for r in rows)
