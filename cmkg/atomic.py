@@ -4,6 +4,7 @@ A reader never sees a half-written file, and a killed run leaves at most a ``.tm
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -13,6 +14,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The hex sha256 of a file, read in 1 MiB blocks (shard and artifact digests)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 @contextmanager

@@ -297,20 +297,7 @@ def upstream_first(nodes: list[stages.Node]) -> list[stages.Node]:
     """``nodes`` in their order except that each comes after every input of it among them: a
     stage of one seed may read another seed's (the other-seed control reads that seed's meta
     stage), so ordering by seed alone can put a stage before its input."""
-    ids = {n.id for n in nodes}
-    out, placed, pending = [], set(), list(nodes)
-    while pending:
-        rest = []
-        for n in pending:
-            if all(i not in ids or i in placed for i in n.inputs.items()):
-                out.append(n)
-                placed.add(n.id)
-            else:
-                rest.append(n)
-        if len(rest) == len(pending):
-            raise ValueError(f"a cycle among the stages {[n.id for n in rest][:3]}")
-        pending = rest
-    return out
+    return schedule.inputs_first(nodes, lambda n: n.id, lambda n: n.inputs.items())
 
 
 def _summary(cells: list[Cell], nodes: list, todo: list, done: dict, failed: dict,

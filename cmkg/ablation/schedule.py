@@ -42,11 +42,7 @@ def _inputs(jobs: Sequence[Job]) -> dict[Hashable, tuple[Hashable, ...]]:
 
 def remaining_chain(jobs: Sequence[Job]) -> dict[Hashable, float]:
     """Per job: its duration plus the longest chain of jobs that (transitively) need it."""
-    inputs = _inputs(jobs)
-    needers: dict[Hashable, list[Hashable]] = {j.id: [] for j in jobs}
-    for j in jobs:
-        for i in inputs[j.id]:
-            needers[i].append(j.id)
+    needers = _needers(jobs)
     by_id = {j.id: j for j in jobs}
     out: dict[Hashable, float] = {}
     for j in reversed(topological(jobs)):
@@ -54,21 +50,38 @@ def remaining_chain(jobs: Sequence[Job]) -> dict[Hashable, float]:
     return out
 
 
-def topological(jobs: Sequence[Job]) -> list[Job]:
-    """``jobs`` in their order, except that each comes after its inputs among them."""
-    inputs = _inputs(jobs)
-    out, placed, pending = [], set(), list(jobs)
+def inputs_first(items: Sequence, id_of, inputs_of) -> list:
+    """``items`` in their order, except that each comes after its inputs among them (an input
+    outside ``items`` counts as done): the runner's submission order (``runner.upstream_first``)
+    and the simulator's."""
+    ids = {id_of(x) for x in items}
+    out, placed, pending = [], set(), list(items)
     while pending:
         rest = []
-        for j in pending:
-            if all(i in placed for i in inputs[j.id]):
-                out.append(j)
-                placed.add(j.id)
+        for x in pending:
+            if all(i not in ids or i in placed for i in inputs_of(x)):
+                out.append(x)
+                placed.add(id_of(x))
             else:
-                rest.append(j)
+                rest.append(x)
         if len(rest) == len(pending):
-            raise ValueError(f"a cycle among the stages {[j.id for j in rest][:3]}")
+            raise ValueError(f"a cycle among the stages {[id_of(x) for x in rest][:3]}")
         pending = rest
+    return out
+
+
+def topological(jobs: Sequence[Job]) -> list[Job]:
+    """``jobs`` in their order, except that each comes after its inputs among them."""
+    return inputs_first(jobs, lambda j: j.id, lambda j: j.inputs)
+
+
+def _needers(jobs: Sequence[Job]) -> dict[Hashable, list[Hashable]]:
+    """Per job, the jobs among ``jobs`` that need it."""
+    inputs = _inputs(jobs)
+    out: dict[Hashable, list[Hashable]] = {j.id: [] for j in jobs}
+    for j in jobs:
+        for i in inputs[j.id]:
+            out[i].append(j.id)
     return out
 
 
@@ -77,12 +90,8 @@ def critical_path(jobs: Sequence[Job]) -> tuple[float, list[Job]]:
     if not jobs:
         return 0.0, []
     chain = remaining_chain(jobs)
-    inputs = _inputs(jobs)
+    inputs, needers = _inputs(jobs), _needers(jobs)
     by_id = {j.id: j for j in jobs}
-    needers: dict[Hashable, list[Hashable]] = {j.id: [] for j in jobs}
-    for j in jobs:
-        for i in inputs[j.id]:
-            needers[i].append(j.id)
     roots = [j for j in jobs if not inputs[j.id]]
     node = max(roots, key=lambda j: chain[j.id])
     path = [node]

@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cmkg import hand, synth
-from cmkg.atomic import atomic_dir
+from cmkg.atomic import atomic_dir, sha256_file
 from cmkg.errors import DataError
 
 SCHEMA_VERSION = 1
@@ -66,14 +66,6 @@ def _binary(values: np.ndarray, size: int) -> pa.Array:
     flat = np.ascontiguousarray(values).reshape(len(values), -1).view(np.uint8)
     return pa.FixedSizeBinaryArray.from_buffers(
         pa.binary(flat.shape[1]), len(flat), [None, pa.py_buffer(flat.tobytes())])
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class DatasetWriter:
@@ -143,7 +135,7 @@ class DatasetWriter:
             name = f"{split}-{len(self.splits[split]['shards']):05d}.parquet"
             pq.write_table(shard, self.tmp / name, compression="zstd")
             self.splits[split]["shards"].append(
-                {"file": name, "num": take, "sha256": _sha256(self.tmp / name)})
+                {"file": name, "num": take, "sha256": sha256_file(self.tmp / name)})
             self.splits[split]["num"] += take
             pending[:] = [rest] if rest.num_rows else []
             rows -= take
@@ -198,7 +190,7 @@ def read_split(root: str | Path, split: str, columns: list[str], verify: bool = 
         path = root / shard["file"]
         if not path.is_file():
             raise DataError(f"{path}: shard listed in the manifest is missing")
-        if verify and _sha256(path) != shard["sha256"]:
+        if verify and sha256_file(path) != shard["sha256"]:
             raise DataError(f"{path}: checksum mismatch, the shard is corrupt; regenerate it")
         try:
             tables.append(pq.read_table(path, columns=columns))

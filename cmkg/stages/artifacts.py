@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
-import hashlib
 import json
 import os
 import pickle
@@ -49,7 +48,7 @@ import pyarrow.fs as pafs
 import torch
 
 from cmkg import __version__, models, storage
-from cmkg.atomic import atomic_path, write_json
+from cmkg.atomic import atomic_path, sha256_file, write_json
 from cmkg.config import Config
 from cmkg.console import say
 from cmkg.errors import DataError
@@ -125,19 +124,11 @@ REQUIRED = ("model.pt", "metrics.json", "config.yaml", "meta.json")  # every sta
 _SOUND: dict[Path, tuple] = {}  # folder -> the stat of its files when last found sound
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_digest(folder: Path) -> None:
     """``digest.json``: the sha256 of every file of the (partial) artifact folder ``folder``."""
     files = sorted(p for p in Path(folder).iterdir() if p.is_file() and p.name != DIGEST_FILE
                    and not p.name.startswith("."))
-    write_json(Path(folder) / DIGEST_FILE, {"sha256": {p.name: _sha256(p) for p in files}})
+    write_json(Path(folder) / DIGEST_FILE, {"sha256": {p.name: sha256_file(p) for p in files}})
 
 
 def check_artifact(folder: Path) -> str | None:
@@ -169,7 +160,7 @@ def _check_digest(folder: Path) -> str | None:
         return f"{folder / DIGEST_FILE}: unreadable ({e})"
     for name, digest in sorted(recorded.items()):
         try:
-            if _sha256(folder / name) != digest:
+            if sha256_file(folder / name) != digest:
                 return f"{folder / name}: sha256 differs from {DIGEST_FILE} (truncated or changed)"
         except OSError as e:
             return f"{folder / name}: unreadable ({e.strerror or e})"
