@@ -36,7 +36,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from cmkg.data.store import DatasetWriter, _sha256
+from cmkg.atomic import sha256_file
+from cmkg.data.store import DatasetWriter
 from cmkg.errors import DataError
 
 CONVERTER_VERSION = 1  # bump when a converter's output changes for the same input
@@ -113,7 +114,7 @@ def input_identity(root: Path, annotations: list[Path], image_dirs: list[Path]) 
         return {"files": n, "bytes": size}
 
     return {"root": str(root.resolve()),
-            "annotations": {p.relative_to(root).as_posix(): _sha256(p) for p in annotations},
+            "annotations": {p.relative_to(root).as_posix(): sha256_file(p) for p in annotations},
             "images": {d.relative_to(root).as_posix(): stats(d) for d in image_dirs}}
 
 
