@@ -1,5 +1,6 @@
 """The committed reports/ are what `cmkg report` makes of the committed records, byte for byte."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -42,3 +43,16 @@ def test_the_positive_controls_reports_are_apart_and_rebuild(tmp_path, capsys, n
         assert (tmp_path / file).read_bytes() == (folder / file).read_bytes(), file
     main = (REPORTS / "README.md").read_text()
     assert not any(r in main for r in rows)
+
+
+def test_committed_reports_name_no_machine_path():
+    """Committed files are read on other machines: no absolute path of the one that wrote them
+    (a store, a data root, a home or temp folder) in any text file under reports/."""
+    pattern = re.compile(r"(?<![\w.])/(root|home|tmp|work|Users|mnt|var/folders)/|[A-Z]:\\\\")
+    found = []
+    for path in sorted(REPORTS.rglob("*")):
+        if path.suffix in (".md", ".csv", ".yaml", ".yml", ".json", ".txt") and path.is_file():
+            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if pattern.search(line):
+                    found.append(f"{path.relative_to(REPORTS)}:{n}: {line.strip()[:80]}")
+    assert not found, "\n".join(found)

@@ -261,10 +261,13 @@ def test_tune_runs_resumes_and_best_retrains(local_ray, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["trials_finished"] == 3
     with sqlite3.connect(exp.parent / "optuna.db") as db:
         assert db.execute("select count(*) from trials").fetchone()[0] == 3
-    # best.yaml's command retrains nothing: it names the best trial's artifact exactly
+    # best.yaml's command retrains nothing: it names the best trial's artifact exactly, once
+    # this machine's store and data root are added (best.yaml names no folder of its machine)
     retrain = shlex.split(best["retrain"])
     assert retrain[:3] == ["cmkg", "train", "target"]
-    assert cli.main(retrain[1:]) == 0
+    assert str(tmp_path) not in best["retrain"] and str(tmp_path) not in str(best["overrides"])
+    assert cli.main([*retrain[1:], "--store", str(tmp_path / "runs"),
+                     "--set", f"data.root={tmp_path / 'data'}"]) == 0
     assert best["best"]["metrics"]["artifact"] in capsys.readouterr().out
 
 

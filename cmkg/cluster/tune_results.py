@@ -76,14 +76,27 @@ def seeds_of(space: Space, base_config: str | None, overrides: list[str]) -> lis
     return [config_mod.load(base_config, list(overrides) + space.set).run.seed]
 
 
+# where a sweep ran and stored its files: left out of best.yaml (its overrides and retrain
+# command), which is committed and read on other machines; none of them changes a result
+MACHINE_PATHS = ("run.store", "run.cache", "data.root", "run.tracking.uri")
+
+
+def machine_neutral(overrides: list[str]) -> list[str]:
+    """``overrides`` without the ``--set`` entries that name this machine's folders
+    (``MACHINE_PATHS``)."""
+    return [o for o in overrides if o.split("=", 1)[0].strip() not in MACHINE_PATHS]
+
+
 def summarise(results, space: Space, base_config: str | None, overrides: list[str],
               out: Path, study, budget_hit: bool = False) -> dict:
     """``trials.csv`` (Tune's ``results``), ``trials.parquet``, ``README.md`` and the plots
     (the study's), ``best.yaml`` from the trials that finished (pruned and errored ones are
-    counted); ``overrides`` are the command line's ``--set`` entries. With none finished, the
+    counted); ``overrides`` are the command line's ``--set`` entries, recorded without the ones
+    that name this machine's folders (``machine_neutral``). With none finished, the
     files are written and the sweep fails with a message (exit status 2)."""
     from optuna.trial import TrialState
 
+    overrides = machine_neutral(overrides)
     write_text(out / "trials.csv", results.get_dataframe().to_csv(index=False))
     done = [r for r in results if r.error is None and finished(r.metrics)]
     errors = [str(r.error).splitlines()[0] for r in results if r.error is not None]
