@@ -28,6 +28,7 @@ PRESET_DIR = Path(__file__).parent / "presets"
 PRESETS = ("smoke", "cpu", "paper")
 SCHEDULES = ("constant", "cosine")  # optim.schedule
 SUBSETS = ("all", "half0", "half1")  # meta.subset
+SOLVES = ("iterate", "fixed_point")  # meta.solve
 KEEP = ("best_val", "final", "average")  # optim.keep
 SIGNS = ("learned", "positive")  # regularizer.sign
 PHI_CONTROLS = ("none", "permuted", "uniform", "other_seed")  # regularizer.phi_control
@@ -219,6 +220,12 @@ class MetaConfig:
     teacher: bool = True  # G = L_REG + L_ACT + lambda L_ATT; false: G = L_REG (no teacher at all)
     order_seed: int | None = None  # seed of the meta stage's data order; null = run.seed
     subset: str = "all"  # all | half0 | half1: one of two fixed disjoint halves of its train split
+    # iterate: Algorithm 1's steps (the paper); fixed_point: theta trained on G as in Algorithm 1,
+    # then phi set to the point where Algorithm 1 stops moving, phi*_j = theta_j g_j /
+    # (2 (theta_j^2 + eps_t)), g = the train split's mean gradient of L_DIST at the final theta,
+    # eps_t = regularizer.phi_eps x the tensor's mean theta^2, scaled to mean |phi| 1
+    # (docs/prior-strength.md, "Algorithm 1's fixed point on the benchmark")
+    solve: str = "iterate"
 
 
 @dataclass
@@ -536,6 +543,12 @@ def validate(cfg: Config) -> list[str]:
           f"must be null or >= 0, got {m.order_seed}")
     check(m.subset in SUBSETS, "meta.subset",
           f"must be one of {', '.join(SUBSETS)}, got {m.subset!r}")
+    check(m.solve in SOLVES, "meta.solve", f"must be one of {', '.join(SOLVES)}, got {m.solve!r}")
+    check(m.solve != "fixed_point" or m.teacher, "meta.solve",
+          "fixed_point needs the teacher: with meta.teacher=false G = L_REG = F at phi = 0, so "
+          "Algorithm 1's fixed point is phi = 0 (no prior)")
+    check(m.solve != "fixed_point" or r.phi_param == "free", "meta.solve",
+          f"fixed_point sets phi itself, so it needs regularizer.phi_param=free, got {r.phi_param}")
     for role in ("teacher", "student"):
         path = getattr(cfg.inputs, role)
         if path is not None and not is_uri(path):

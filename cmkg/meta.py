@@ -190,6 +190,76 @@ def meta_iteration(student: nn.Module, adapter: nn.Module | None, teacher: nn.Mo
     return parts
 
 
+def g_step(student: nn.Module, adapter: nn.Module, teacher: nn.Module, batch: dict,
+           theta_opt: torch.optim.Optimizer, *, losses: list[str], lambda_att: float,
+           att_layers: list[int], reduce: Reduce = _local,
+           reduction: Mapping[str, str] | None = None) -> dict[str, Tensor]:
+    """Step 3 of Algorithm 1 alone, theta <- Adam(grad G(theta_k)), for ``meta.solve=fixed_point``
+    (phi is set once at the end, ``fixed_point_phi``): the student travels as in
+    ``meta_iteration``, without the E- and M-steps."""
+    with torch.no_grad():
+        _, t_acts = teacher(batch["depth"])
+    params = dict(student.named_parameters())
+    side = [p for p in adapter.parameters() if p.requires_grad]
+    parts = objective_g(student, adapter, params, {}, batch["rgb"], batch["target"], t_acts,
+                        losses=losses, lambda_att=lambda_att, att_layers=att_layers,
+                        reduction=reduction)
+    everything = [*params.values(), *side]
+    grads = torch.autograd.grad(parts["G"], everything, allow_unused=True)
+    present = [i for i, g in enumerate(grads) if g is not None]
+    reduced = reduce([grads[i] for i in present], False) if present else []
+    for p in everything:
+        p.grad = None
+    for i, g in zip(present, reduced):
+        everything[i].grad = g
+    theta_opt.step()
+    return {"loss": parts["G"].detach(), "reg": parts["reg"].detach(),
+            **{k: parts[k].detach() for k in ("act", "att") if k in parts}}
+
+
+def fixed_point_phi(student: nn.Module, adapter: nn.Module, teacher: nn.Module, batches,
+                    names: list[str], *, eps: float, losses: list[str], lambda_att: float,
+                    att_layers: list[int], reduce: Reduce = _local,
+                    reduction: Mapping[str, str] | None = None) -> list[Tensor]:
+    """Where Algorithm 1 stops moving, at the student's current weights theta (``meta.solve``
+    fixed_point, docs/prior-strength.md). phi is stationary when the minimiser theta_G of
+    G = L_REG + L_DIST is also stationary for F = L_REG + sum_j phi_j theta_j^2, i.e.
+    2 phi_j theta_j = dL_DIST/dtheta_j there; so, with g the mean gradient of L_DIST over
+    ``batches`` (train-mode BatchNorm on cloned buffers, as in the meta step),
+
+        phi*_j = theta_j g_j / (2 (theta_j^2 + eps_t)),   eps_t = eps x mean_t theta^2,
+
+    (the eps keeps weights near 0 finite), scaled to mean |phi*| 1 over the ``names`` tensors in
+    float64, so a target's ``regularizer.strength`` is its mean |phi|. The teacher's pull g
+    alone: with no teacher term phi* is 0. Returns phi* per tensor of ``names``, in order."""
+    params = {n: p.detach().requires_grad_() for n, p in student.named_parameters()}
+    buffers = {n: b.clone() for n, b in student.named_buffers()}
+    total = {n: torch.zeros_like(params[n], dtype=torch.float64) for n in names}
+    count = 0
+    for batch in batches:
+        with torch.no_grad():
+            _, t_acts = teacher(batch["depth"])
+        parts = objective_g(student, adapter, params, buffers, batch["rgb"], batch["target"],
+                            t_acts, losses=losses, lambda_att=lambda_att, att_layers=att_layers,
+                            reduction=reduction)
+        grads = torch.autograd.grad(parts["dist"], [params[n] for n in names], allow_unused=True)
+        grads = reduce([torch.zeros_like(params[n]) if g is None else g  # the head: no L_DIST
+                        for n, g in zip(names, grads)], False)
+        b = len(batch["target"])
+        for n, g in zip(names, grads):
+            total[n] += b * g.double()
+        count += b
+    if count == 0:
+        raise ValueError("fixed_point_phi needs at least one batch")
+    raw = []
+    for n in names:
+        theta = params[n].detach().double()
+        sq = theta.pow(2)
+        raw.append(theta * (total[n] / count) / (2.0 * (sq + eps * float(sq.mean()))))
+    scale = float(torch.cat([p.flatten() for p in raw]).abs().mean())
+    return [(p / scale if scale > 0 else p).to(params[n].dtype) for p, n in zip(raw, names)]
+
+
 def phi_bounds(alpha: float) -> tuple[float, float]:
     """Default clip of raw phi: +-1/(2 alpha), so |2 alpha phi| <= 1 in the inner step."""
     return -1.0 / (2.0 * alpha), 1.0 / (2.0 * alpha)

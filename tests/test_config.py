@@ -140,3 +140,32 @@ def test_runs_and_report_import_no_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "report" / "positive.md").is_file()
+
+
+@pytest.mark.parametrize("sets, says", [
+    (["meta.solve=newton"], "must be one of iterate, fixed_point"),
+    (["meta.solve=fixed_point", "meta.teacher=false"], "fixed_point needs the teacher"),
+    (["meta.solve=fixed_point", "regularizer.phi_param=softplus"], "phi_param=free"),
+])
+def test_meta_solve_is_checked(sets, says):
+    with pytest.raises(ConfigError, match="meta.solve") as err:
+        config.load("smoke", sets)
+    assert says in str(err.value)
+
+
+def test_fixed_point_key_holds_what_it_reads():
+    """meta.solve=fixed_point never takes a meta-gradient step: alpha and beta leave its key,
+    regularizer.phi_eps (its eps) enters it; the default solve keeps the keys as they were."""
+    from cmkg.stages.plan import stage_key
+
+    base = config.load("smoke")
+    fp = config.load("smoke", ["meta.solve=fixed_point"])
+    assert stage_key("meta", fp)[0] != stage_key("meta", base)[0]
+    assert stage_key("meta", config.load("smoke", ["meta.solve=iterate"]))[0] == \
+        stage_key("meta", base)[0]
+    for extra in (["meta.beta=0.5"], ["meta.alpha=0.1"]):
+        assert stage_key("meta", config.load("smoke", ["meta.solve=fixed_point", *extra]))[0] == \
+            stage_key("meta", fp)[0]
+    assert stage_key("meta", config.load("smoke", ["meta.solve=fixed_point",
+                                                   "regularizer.phi_eps=0.5"]))[0] != \
+        stage_key("meta", fp)[0]

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from cmkg import regularizers
-from cmkg.meta import meta_iteration, phi_bounds
+from cmkg.meta import fixed_point_phi, meta_iteration, phi_bounds
 
 F64 = torch.float64
 RED = {"reg": "sum", "act": "sum"}  # L_ACT = sum_j m_j (theta_j - w_T,j)^2
@@ -116,6 +116,20 @@ def test_converged_algorithm1_recovers_the_fixed_point():
     ratio = float((phi / phi_star - 1).abs().median())
     assert ratio < 0.01, ratio
     assert _corr(phi, phi_star) > 0.99
+
+
+def test_fixed_point_solve_is_the_analytic_fixed_point():
+    """meta.solve=fixed_point's phi (``fixed_point_phi``) at theta_G is phi*, scaled to mean
+    |phi| 1, from the mean over batches (two halves of the source here) of grad L_DIST."""
+    batch, w_t = _toy1()
+    theta_g, phi_star = _fixed_point(batch, w_t)
+    student, teacher, _ = _setup(12, w_t)
+    with torch.no_grad():
+        student.fc.weight.copy_(theta_g[None])
+    halves = [{k: v[:100] for k, v in batch.items()}, {k: v[100:] for k, v in batch.items()}]
+    (phi,) = fixed_point_phi(student, nn.Identity(), teacher, halves, ["fc.weight"], eps=1e-12,
+                             **LOSS_KW)
+    torch.testing.assert_close(phi[0], phi_star / phi_star.abs().mean(), rtol=1e-9, atol=0)
 
 
 def test_phi_relaxes_with_the_predicted_rate_at_theta_g():

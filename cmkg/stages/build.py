@@ -22,7 +22,7 @@ from cmkg.data import HandDataset, identity_collate, synth_source, synthesize
 from cmkg.data.dataset import prepare_batch
 from cmkg.errors import DataError, UserError
 from cmkg.forms import weighted, weighted_forms
-from cmkg.meta import meta_iteration, phi_bounds
+from cmkg.meta import fixed_point_phi, g_step, meta_iteration, phi_bounds
 from cmkg.regularizers import Regularizer
 from cmkg.stages.artifacts import Artifact
 from cmkg.stages.defs import DEFS, planted, prior_input, stage_datasets
@@ -67,6 +67,7 @@ class StageRun:
     diagnose: Callable[[int], dict] | None = None  # total steps K -> an epoch's diagnostics
     calibration: dict | None = None  # the calibrated prior's scale (target, calibrate_d set)
     scheduler: object | None = None  # the learning-rate schedule of optimizers[0] (optim.schedule)
+    finish: Callable[[], None] | None = None  # after training, before publishing (meta.solve)
 
 
 def build_stage(stage: str, cfg: Config, spec: dict, upstream: dict[str, Artifact],
@@ -204,6 +205,10 @@ def _meta_learning(run: StageRun, cfg: Config, upstream: dict[str, Artifact],
     phi_opt = (torch.optim.SGD(reg.parameters(), lr=m.beta) if m.phi_optimizer == "sgd"
                else torch.optim.Adam(reg.parameters(), lr=m.beta))
     run.optimizers.append(phi_opt)
+    kwargs = dict(**asdict(cfg.distill), reduction=asdict(cfg.reduction))
+    if m.solve == "fixed_point":
+        _fixed_point(run, cfg, model, adapter, teacher, reg, kwargs, device)
+        return
     clip = tuple(r.phi_clip) if r.phi_clip else phi_bounds(m.alpha)
     convergence = diagnostics.PhiConvergence(reg)
 
@@ -222,6 +227,33 @@ def _meta_learning(run: StageRun, cfg: Config, upstream: dict[str, Artifact],
             diagnostics.fixed_batch(run.train_set, cfg.optim.batch_size, device),
             **asdict(cfg.distill), reduction=asdict(cfg.reduction))
     run.diagnose = lambda k: {**(shares(k) if shares else {}), **convergence(k)}
+
+
+def _fixed_point(run: StageRun, cfg: Config, model, adapter, teacher, reg: Regularizer,
+                 kwargs: dict, device: torch.device) -> None:
+    """meta.solve=fixed_point: theta trained on G as Algorithm 1 trains it (``g_step``), phi
+    left at 0 until the end, then set once to Algorithm 1's fixed point at the final weights
+    (``fixed_point_phi``, over the whole train split in a fixed order)."""
+    run.update = lambda batch: g_step(model, adapter, teacher, batch, run.optimizers[0],
+                                      reduce=parallel.mean_across, **kwargs)
+    shares = diagnostics.meta_diagnose(
+        model, adapter, teacher, diagnostics.fixed_batch(run.train_set, cfg.optim.batch_size, device),
+        **kwargs)
+    run.diagnose = shares
+
+    def finish() -> None:
+        batches = (prepare_batch(b, device) for b in torch.utils.data.DataLoader(
+            run.train_set, batch_size=256, shuffle=False, collate_fn=identity_collate))
+        phis = fixed_point_phi(model, adapter, teacher, batches, list(reg.names),
+                               eps=cfg.regularizer.phi_eps, **kwargs)  # rank 0 alone: no reduce
+        with torch.no_grad():
+            for raw, phi in zip(reg.raw, phis):
+                raw.copy_(phi)
+        say(f"meta: phi set to Algorithm 1's fixed point at the final weights "
+            f"({100 * float(torch.cat([p.flatten() for p in phis]).lt(0).double().mean()):.1f} % "
+            f"negative)")
+
+    run.finish = finish
 
 
 def _target(run: StageRun, cfg: Config, spec: dict, upstream: dict[str, Artifact],

@@ -107,13 +107,18 @@ def _optim(cfg: Config, epochs: int) -> dict:
 # meta entries added after keys existed (the phi diagnostics' variants): in the meta stage's
 # key only where they differ from these defaults, so Algorithm 1 as the paper runs it keeps its
 # keys. meta.order_seed equal to run.seed is the default order, and hashed as the default.
-META_SINCE = {"teacher": True, "order_seed": None, "subset": "all"}
+META_SINCE = {"teacher": True, "order_seed": None, "subset": "all", "solve": "iterate"}
+# what meta.solve=fixed_point never reads (no meta-gradient step): not in its key
+META_ITERATE_ONLY = ("inner_steps", "alpha", "beta", "phi_optimizer", "first_order")
 
 
 def _meta(cfg: Config) -> dict:
     m = asdict(cfg.meta)
     if m["order_seed"] == cfg.run.seed:
         m["order_seed"] = None
+    if m["solve"] == "fixed_point":
+        m = {k: v for k, v in m.items() if k not in META_ITERATE_ONLY}
+        m["phi_eps"] = cfg.regularizer.phi_eps
     return {k: v for k, v in m.items() if k not in META_SINCE or v != META_SINCE[k]}
 
 

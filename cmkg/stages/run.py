@@ -198,6 +198,8 @@ def publish(run: StageRun, node: Node, upstream: dict[str, Artifact], state: Fit
     prefix = "student." if run.trainable is not run.model else ""
     best = {k[len(prefix):]: v for k, v in state.best_state.items() if k.startswith(prefix)}
     run.model.load_state_dict(best)
+    if run.finish is not None:
+        run.finish()
     test = evaluate(run.model, test_loader, modality, device)
     blob = {"arch": spec["arch"], "modality": modality, "state_dict": best}
     if "planted" in spec:  # absent otherwise: the files of default runs as before
