@@ -119,3 +119,30 @@ def test_fig5_histograms_from_artifacts(tiny, tmp_path):
     assert scaled["phi_edges"][-1] <= scale * data["phi_edges"][-1] * (1 + 1e-6)  # the cap
     assert cli.main(["figure", "params", "--without", str(tmp_path), "--with", str(with_r.path),
                      "--out", str(tmp_path / "c.png")]) == 2
+
+
+def test_fixed_point_meta_stage_publishes_phi_star(tiny):
+    """meta.solve=fixed_point: the student's weights travel as under Algorithm 1 (theta on G; phi
+    does not feed back into theta), phi is set once at the end, scaled to mean |phi| 1, and it
+    respects what BatchNorm makes of a filter: G does not change when a conv filter followed by
+    BatchNorm is rescaled, so theta . grad L_DIST over each such filter is 0, and so is
+    sum_j phi*_j (theta_j^2 + eps_t) over it."""
+    iterate = stages.run_stage("meta", tiny)
+    art = stages.run_stage("meta", _with(tiny, meta={"solve": "fixed_point"}))
+    assert art.path != iterate.path and art.meta["spec"]["meta"]["solve"] == "fixed_point"
+    assert "beta" not in art.meta["spec"]["meta"]
+    a, b = art.load_model().state_dict(), iterate.load_model().state_dict()
+    # the same path up to summation order (grad G in one pass, not grad L_REG + grad L_DIST)
+    assert max(float((a[k].double() - b[k].double()).norm() / b[k].double().norm())
+               for k in a if a[k].is_floating_point() and b[k].norm() > 0) < 1e-4
+    reg = art.load_phi()
+    phis = [p.detach().double() for p in reg.phi()]
+    assert torch.cat([p.flatten() for p in phis]).abs().mean() == pytest.approx(1.0, rel=1e-6)
+    from cmkg.diagnostics import FIRST_CONV  # followed by BatchNorm
+
+    first = dict(zip(reg.names, phis))[FIRST_CONV]
+    assert (first < 0).any() and (first > 0).any()
+    theta = a[FIRST_CONV].double()
+    sq = theta.pow(2)
+    per_filter = (first * (sq + 0.1 * sq.mean())).sum((1, 2, 3))  # regularizer.phi_eps = 0.1
+    assert per_filter.abs().max() < 1e-3 * (first.abs() * sq).sum((1, 2, 3)).max()
