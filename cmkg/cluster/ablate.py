@@ -42,7 +42,12 @@ def execute(nodes: list[stages.Node], on_done: Callable, *, address: str | None 
                                      max_retries=max_retries)
     pending = {refs[node.id]: node for node in nodes}
     while pending:
-        (ref,), _ = ray.wait(list(pending), num_returns=1)
+        # with a timeout: a blocking ray.wait does not return to Python, so a Ctrl-C (SIGINT)
+        # would wait for the next stage to finish before it stops the run
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+        if not ready:
+            continue
+        ref = ready[0]
         node = pending.pop(ref)
         try:
             path, error = ray.get(ref), None
