@@ -22,12 +22,13 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-
-import pyarrow as pa
-import pyarrow.fs as pafs
+from typing import TYPE_CHECKING
 
 from cmkg.atomic import atomic_dir
 from cmkg.errors import DataError
+
+if TYPE_CHECKING:  # pyarrow is imported where a URI is opened: the CLI starts without it
+    import pyarrow.fs as pafs
 
 COMMIT_FILE = "meta.json"  # uploaded last; its presence marks a finished artifact
 
@@ -43,6 +44,9 @@ def short_hash(text: str, n: int = 12) -> str:
 def open_uri(uri: str, key: str = "run.store") -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for ``uri``; a DataError naming ``key`` when pyarrow cannot
     open it (unknown scheme, S3/GCS support missing, bad credentials or endpoint)."""
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
     try:
         fs, path = pafs.FileSystem.from_uri(uri)
     except (pa.ArrowException, OSError, ValueError) as e:
@@ -51,6 +55,8 @@ def open_uri(uri: str, key: str = "run.store") -> tuple[pafs.FileSystem, str]:
 
 
 def exists(fs: pafs.FileSystem, path: str) -> bool:
+    import pyarrow.fs as pafs
+
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
@@ -62,6 +68,8 @@ def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
 def download_dir(fs: pafs.FileSystem, src: str, dst: Path) -> Path:
     """Copy the folder ``src`` of ``fs`` to the local folder ``dst``, atomically (a reader never
     sees a partial copy); an existing ``dst`` is reused (it is a mirror of immutable content)."""
+    import pyarrow.fs as pafs
+
     dst = Path(dst)
     if dst.exists():
         return dst
@@ -86,6 +94,8 @@ def upload_dir(src: Path, fs: pafs.FileSystem, dst: str, last: str = COMMIT_FILE
 
 
 def upload_file(src: Path, fs: pafs.FileSystem, dst: str) -> None:
+    import pyarrow.fs as pafs
+
     pafs.copy_files(str(src), dst, source_filesystem=pafs.LocalFileSystem(),
                     destination_filesystem=fs)
 
