@@ -89,6 +89,10 @@ class PlantedConfig:
 
     channels: int = 0
     cue: float = 0.0  # correlation of each channel with its pose projection on target train
+    # the same on the source's train split (0: noise there, as by default): the RGB labels then
+    # reward the shortcut on the source too, while the depth teacher, which never sees the
+    # channels, does not: knowledge only the teacher holds, the kind Algorithm 1 can learn
+    source_cue: float = 0.0
     seed: int = 0  # draws the projections and the noise
 
     @property
@@ -447,6 +451,8 @@ def validate(cfg: Config) -> list[str]:
     check(0 <= pl.channels <= 64, "data.planted.channels",
           f"must be an integer in [0, 64] (0: off), got {pl.channels}")
     check(0 <= pl.cue <= 1, "data.planted.cue", f"must be in [0, 1], got {pl.cue}")
+    check(0 <= pl.source_cue <= 1, "data.planted.source_cue",
+          f"must be in [0, 1], got {pl.source_cue}")
     check(pl.seed >= 0, "data.planted.seed", f"must be >= 0, got {pl.seed}")
     sp = cfg.data.split
     check(len(sp) == 3 and all(x >= 0 for x in sp) and abs(sum(sp) - 1) < 1e-6 and sp[0] > 0,

@@ -44,6 +44,7 @@ def test_values_carry_the_pose_on_the_shortcut_split_only():
     (["data.planted.channels=-1"], "data.planted.channels"),
     (["data.planted.cue=1.5"], "data.planted.cue"),
     (["data.planted.seed=-2"], "data.planted.seed"),
+    (["data.planted.source_cue=-0.1"], "data.planted.source_cue"),
 ])
 def test_bad_planted_entries_name_their_key(sets, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -65,6 +66,17 @@ def test_planted_enters_the_rgb_stages_keys_only(tiny_cfg):
     assert stages.stage_key("target", weaker)[0] != stages.stage_key("target", on)[0]
     for stage in ("student", "kd", "meta"):
         assert stages.stage_key(stage, weaker)[0] == stages.stage_key(stage, on)[0]
+    # source_cue acts on the source's train split alone: source stages change, the teacher and
+    # an unregularised target keep their keys; at 0 it is absent from every key
+    sourced = _planted(on, source_cue=0.5)
+    assert stages.stage_key("teacher", sourced)[0] == stages.stage_key("teacher", on)[0]
+    plain = {"regularizer": dataclasses.replace(on.regularizer, form="none")}
+    assert stages.stage_key("target", dataclasses.replace(sourced, **plain))[0] == \
+        stages.stage_key("target", dataclasses.replace(on, **plain))[0]
+    for stage in ("student", "kd", "meta"):
+        key, spec = stages.stage_key(stage, sourced)[:2]
+        assert key != stages.stage_key(stage, on)[0] and spec["planted"]["source_cue"] == 0.5
+        assert "source_cue" not in stages.stage_key(stage, on)[1]["planted"]
 
 
 def test_a_planted_target_trains_sees_the_channels_and_reloads(tiny_cfg):
@@ -74,7 +86,8 @@ def test_a_planted_target_trains_sees_the_channels_and_reloads(tiny_cfg):
     model = art.load_model()
     assert model.stem[0].in_channels == 3 + 2
     root = stages.ensure_dataset(cfg.data.target, cfg)
-    train = HandDataset(root, "train", ("rgb",), planted=cfg.data.planted, shortcut=True)
+    train = HandDataset(root, "train", ("rgb",), planted=cfg.data.planted,
+                        shortcut=cfg.data.planted.cue)
     test = HandDataset(root, "test", ("rgb",), planted=cfg.data.planted)
     batch = prepare_batch(train.__getitems__(np.arange(4)), torch.device("cpu"))
     assert batch["rgb"].shape[1] == 5

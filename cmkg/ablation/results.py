@@ -86,6 +86,8 @@ def fingerprint(cfg: Config) -> str:
     d["data"].pop("root", None)
     if not d["data"]["planted"]["channels"]:  # since: absent when off
         d["data"].pop("planted")
+    elif not d["data"]["planted"]["source_cue"]:  # since: absent at 0
+        d["data"]["planted"].pop("source_cue")
     if d["regularizer"]["phi_source"] == "meta":  # entries since: absent at their defaults
         for k in ("phi_source", "phi_eps"):
             d["regularizer"].pop(k)

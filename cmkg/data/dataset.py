@@ -51,9 +51,10 @@ def prepare_batch(batch: dict[str, torch.Tensor], device: torch.device) -> dict[
 
 class HandDataset(torch.utils.data.Dataset):
     def __init__(self, roots: str | Path | list, split: str, modalities: tuple[str, ...] = ("rgb",),
-                 verify: bool = True, planted=None, shortcut: bool = False):
+                 verify: bool = True, planted=None, shortcut: float = 0.0):
         """``planted`` (a ``config.PlantedConfig`` that is on) adds its channel values to the
-        RGB batches; ``shortcut`` makes them carry the pose (the target's train split only)."""
+        RGB batches; ``shortcut`` > 0 makes them carry the pose with that correlation (the
+        target's train split: ``planted.cue``; the source's: ``planted.source_cue``)."""
         roots = [roots] if isinstance(roots, (str, Path)) else list(roots)
         self.roots, self.split, self.modalities = [str(r) for r in roots], split, modalities
         manifests = [read_manifest(r) for r in roots]
@@ -76,8 +77,8 @@ class HandDataset(torch.utils.data.Dataset):
             n = [len(p["vis"]) for p in parts]
             cuts = np.cumsum([0, *n])
             self.planted = np.concatenate([
-                planted_mod.values(planted.seed, planted.channels, planted.cue, fp, split,
-                                   self.target[a:b], shortcut)
+                planted_mod.values(planted.seed, planted.channels, float(shortcut), fp, split,
+                                   self.target[a:b], shortcut > 0)
                 for fp, a, b in zip(self.fingerprints, cuts[:-1], cuts[1:])])
 
     def __len__(self) -> int:

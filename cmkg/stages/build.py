@@ -109,7 +109,8 @@ def _data(stage: str, cfg: Config) -> StageRun:
     train_roots = [ensure_dataset(s, cfg) for s in stage_datasets(stage, cfg)]
     eval_root = train_roots[0]
     pl = planted(stage, cfg)  # the planted channels: a shortcut on the target's train split only
-    train_set = HandDataset(train_roots, "train", d.reads, planted=pl, shortcut=d.data == "target")
+    cue = 0.0 if pl is None else pl.cue if d.data == "target" else pl.source_cue
+    train_set = HandDataset(train_roots, "train", d.reads, planted=pl, shortcut=cue)
     if d.learns_prior and cfg.meta.subset != "all":  # a split-half diagnostic of phi
         train_set = take(train_set, halves(len(train_set))[cfg.meta.subset])
     if len(train_set) < cfg.optim.batch_size:

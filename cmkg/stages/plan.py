@@ -57,6 +57,8 @@ def stage_spec(stage: str, cfg: Config, inputs: dict[str, str]) -> dict:
         spec["planted"] = asdict(cfg.data.planted)
         if d.data != "target":  # the cue acts on the target's train split only
             del spec["planted"]["cue"]
+        if d.data == "target" or not cfg.data.planted.source_cue:  # since: absent at 0
+            del spec["planted"]["source_cue"]
     r = cfg.regularizer
     teacher = d.paired and (not d.learns_prior or cfg.meta.teacher)  # uses the teacher's terms
     if teacher:
