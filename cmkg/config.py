@@ -322,6 +322,9 @@ def _check_tracking(t: TrackingConfig, check) -> None:
           "pip install -e '.[tracking]'")
     check(t.uri is None or bool(t.uri.strip()), "run.tracking.uri",
           "must be null (beside run.store) or a URI / folder, got an empty string")
+    if t.uri and t.uri.strip():
+        problem = tracking.uri_problem(t.backend, t.uri)
+        check(problem is None, "run.tracking.uri", problem or "")
 
 
 def digest(obj) -> str:

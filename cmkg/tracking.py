@@ -55,6 +55,41 @@ def missing_package(backend: str) -> str | None:
     return pkg if pkg and importlib.util.find_spec(pkg) is None else None
 
 
+# MLflow tracking URIs passed through as they are (a server, or a database MLflow opens)
+MLFLOW_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks")
+
+
+def uri_problem(backend: str, uri: str | None) -> str | None:
+    """Why ``run.tracking.uri`` cannot work with ``backend`` (checked by ``config.load``, so
+    before anything trains), or None. MLflow takes a server or database URI, or a folder (a
+    path or ``file://``), TensorBoard a folder."""
+    if uri is None or backend not in ("mlflow", "tensorboard"):
+        return None
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    if backend == "mlflow" and scheme not in ("", "file", *MLFLOW_SCHEMES):
+        return (f"{uri!r}: MLflow takes a folder, file://FOLDER, or a URI of "
+                f"{', '.join(s + '://' for s in MLFLOW_SCHEMES)}")
+    if backend == "tensorboard" and scheme not in ("", "file"):
+        return f"{uri!r}: TensorBoard writes to a folder (a path or file://FOLDER)"
+    return None
+
+
+def resolve_uri(backend: str, uri: str | None, store_root: str | Path) -> str:
+    """What a backend is given for ``run.tracking.uri``: null -> ``default_uri``; for MLflow a
+    server or database URI as it is, a folder (MLflow 3 refuses a file store) -> a SQLite
+    database ``mlflow.db`` inside it, created if missing; for TensorBoard the folder."""
+    if uri is None:
+        return default_uri(backend, store_root)
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    if backend == "mlflow" and scheme in MLFLOW_SCHEMES:
+        return uri
+    folder = Path(uri[len("file://"):] if scheme == "file" else uri).expanduser().resolve()
+    if backend == "mlflow":
+        folder.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{folder / 'mlflow.db'}"
+    return str(folder)
+
+
 def default_uri(backend: str, store_root: str | Path) -> str:
     """Where a backend writes when ``run.tracking.uri`` is null: beside the (local) store."""
     root = Path(store_root).expanduser().resolve()
@@ -396,7 +431,7 @@ def command(cfg, store_root: str | Path, name: str, tags: dict | None = None,
     if t.backend == "none":
         yield None
         return
-    uri = t.uri or default_uri(t.backend, store_root)
+    uri = resolve_uri(t.backend, t.uri, store_root)
     tr = tracker(t.backend, uri)
     tags = {"command": name, **(tags or {})}
     run = Run(tr, name, tags)
@@ -430,7 +465,7 @@ def _target(cfg, store_root: str | Path) -> tuple[Tracker, dict, str | None]:
     same = ctx.get("backend") == t.backend and ctx.get("raw_uri") == t.uri
     if same and ctx.get("off"):
         return Tracker(), {}, None
-    uri = ctx["uri"] if same else (t.uri or default_uri(t.backend, store_root))
+    uri = ctx["uri"] if same else resolve_uri(t.backend, t.uri, store_root)
     tr = tracker(t.backend, uri, ctx.get("experiment_id") if same else None)
     return tr, (ctx.get("tags", {}) if same else {}), (ctx.get("parent") if same else None)
 

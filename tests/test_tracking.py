@@ -213,6 +213,34 @@ def test_bad_tracking_entries_name_the_key(tmp_path, capsys):
     assert not any(tmp_path.iterdir())  # nothing trained, nothing written
 
 
+def test_each_uri_form_of_the_docs(tmp_path, capsys):
+    """A folder (a path or file://) becomes a SQLite database inside it, which MLflow opens (it
+    refuses a file store); a server or database URI passes through; a scheme the backend cannot
+    use is exit 2 naming run.tracking.uri, before anything trains."""
+    folder = tmp_path / "tracked"
+    for given in (str(folder), f"file://{folder}"):
+        assert tracking.resolve_uri("mlflow", given, tmp_path) == f"sqlite:///{folder / 'mlflow.db'}"
+    for server in ("http://host:5000", "https://h/x", "postgresql://u@h/db",
+                   f"sqlite:///{tmp_path / 'x.db'}", "databricks://profile"):
+        assert tracking.resolve_uri("mlflow", server, tmp_path) == server
+    assert tracking.resolve_uri("tensorboard", f"file://{folder}", tmp_path) == str(folder)
+    assert tracking.resolve_uri("mlflow", None, tmp_path) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # the folder form works end to end: MLflow writes its runs into folder/mlflow.db
+    cfg = config.load("smoke", ["run.tracking.backend=mlflow", f"run.tracking.uri={folder}"])
+    with tracking.command(cfg, tmp_path / "store", "cmkg train", {}) as run:
+        assert run is not None and run.id
+    assert (folder / "mlflow.db").stat().st_size > 0
+    assert "tracking failed" not in capsys.readouterr().err
+    for backend, bad in (("mlflow", "s4://bucket/x"), ("tensorboard", "http://host:6006")):
+        sets = [f"run.tracking.backend={backend}", f"run.tracking.uri={bad}"]
+        with pytest.raises(ConfigError, match="run.tracking.uri"):
+            config.load("smoke", sets)
+        store = tmp_path / f"never-{backend}"
+        assert cli.main(["train", "teacher", "--store", str(store),
+                         *sum((["--set", x] for x in sets), [])]) == 2
+        assert "run.tracking.uri" in capsys.readouterr().err and not store.exists()
+
+
 def test_a_missing_package_says_which_extra(monkeypatch):
     monkeypatch.setattr(tracking, "missing_package", lambda backend: backend)
     with pytest.raises(ConfigError) as e:
