@@ -90,8 +90,8 @@ class PlantedConfig:
     channels: int = 0
     cue: float = 0.0  # correlation of each channel with its pose projection on target train
     # the same on the source's train split (0: noise there, as by default): the RGB labels then
-    # reward the shortcut on the source too, while the depth teacher, which never sees the
-    # channels, does not: knowledge only the teacher holds, the kind Algorithm 1 can learn
+    # reward the shortcut on the source too; the depth teacher never sees the channels (but its
+    # pose features reward them as well, docs/prior-strength.md)
     source_cue: float = 0.0
     seed: int = 0  # draws the projections and the noise
 
