@@ -28,11 +28,13 @@ def test_cmkg_report_rebuilds_the_committed_markdown(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("name, rows", [("positive", ("oracle", "source-weights")),
-                                        ("planted", ("planted", "source-weights"))])
+                                        ("planted", ("planted", "source-weights")),
+                                        ("planted_fixed_point", ("fixed point", "φ*"))])
 def test_the_positive_controls_reports_are_apart_and_rebuild(tmp_path, capsys, name, rows):
-    """reports/positive/ (ablations/positive.yaml) and reports/planted/ (ablations/planted.yaml)
-    hold the positive controls: each its own records and report, rebuilt byte for byte, and
-    none of their rows in the main report's verdicts."""
+    """reports/positive/ (ablations/positive.yaml), reports/planted/ (ablations/planted.yaml)
+    and reports/planted_fixed_point/ (ablations/planted_fixed_point.yaml) hold the positive
+    controls: each its own records and report, rebuilt byte for byte, and none of their rows in
+    the main report's verdicts."""
     folder = REPORTS / name
     assert [p.name for p in (folder / "results").glob("*.parquet")] == [f"{name}.parquet"]
     assert cli.main(["report", "--results", str(folder / "results"), "--report", str(tmp_path)]) == 0
