@@ -219,7 +219,7 @@ def g_step(student: nn.Module, adapter: nn.Module, teacher: nn.Module, batch: di
 
 def fixed_point_phi(student: nn.Module, adapter: nn.Module, teacher: nn.Module, batches,
                     names: list[str], *, eps: float, losses: list[str], lambda_att: float,
-                    att_layers: list[int], reduce: Reduce = _local,
+                    att_layers: list[int],
                     reduction: Mapping[str, str] | None = None) -> list[Tensor]:
     """Where Algorithm 1 stops moving, at the student's current weights theta (``meta.solve``
     fixed_point, docs/prior-strength.md). phi is stationary when the minimiser theta_G of
@@ -243,11 +243,10 @@ def fixed_point_phi(student: nn.Module, adapter: nn.Module, teacher: nn.Module, 
                             t_acts, losses=losses, lambda_att=lambda_att, att_layers=att_layers,
                             reduction=reduction)
         grads = torch.autograd.grad(parts["dist"], [params[n] for n in names], allow_unused=True)
-        grads = reduce([torch.zeros_like(params[n]) if g is None else g  # the head: no L_DIST
-                        for n, g in zip(names, grads)], False)
         b = len(batch["target"])
         for n, g in zip(names, grads):
-            total[n] += b * g.double()
+            if g is not None:  # None: a tensor L_DIST does not reach (the head)
+                total[n] += b * g.double()
         count += b
     if count == 0:
         raise ValueError("fixed_point_phi needs at least one batch")

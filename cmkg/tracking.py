@@ -59,13 +59,18 @@ def missing_package(backend: str) -> str | None:
 MLFLOW_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks")
 
 
+def _scheme(uri: str) -> str:
+    """``http`` of ``http://host``; "" for a plain path."""
+    return uri.split("://", 1)[0].lower() if "://" in uri else ""
+
+
 def uri_problem(backend: str, uri: str | None) -> str | None:
     """Why ``run.tracking.uri`` cannot work with ``backend`` (checked by ``config.load``, so
     before anything trains), or None. MLflow takes a server or database URI, or a folder (a
     path or ``file://``), TensorBoard a folder."""
     if uri is None or backend not in ("mlflow", "tensorboard"):
         return None
-    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    scheme = _scheme(uri)
     if backend == "mlflow" and scheme not in ("", "file", *MLFLOW_SCHEMES):
         return (f"{uri!r}: MLflow takes a folder, file://FOLDER, or a URI of "
                 f"{', '.join(s + '://' for s in MLFLOW_SCHEMES)}")
@@ -80,7 +85,7 @@ def resolve_uri(backend: str, uri: str | None, store_root: str | Path) -> str:
     database ``mlflow.db`` inside it, created if missing; for TensorBoard the folder."""
     if uri is None:
         return default_uri(backend, store_root)
-    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    scheme = _scheme(uri)
     if backend == "mlflow" and scheme in MLFLOW_SCHEMES:
         return uri
     folder = Path(uri[len("file://"):] if scheme == "file" else uri).expanduser().resolve()

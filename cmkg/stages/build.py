@@ -218,15 +218,14 @@ def _meta_learning(run: StageRun, cfg: Config, upstream: dict[str, Artifact],
         return meta_iteration(
             model, adapter, teacher, reg, batch, run.optimizers[0], phi_opt, alpha=m.alpha,
             steps=m.inner_steps, first_order=m.first_order, phi_clip=clip,
-            reduce=parallel.mean_across, **asdict(cfg.distill), reduction=asdict(cfg.reduction))
+            reduce=parallel.mean_across, **kwargs)
 
     run.update = update
     shares = None
     if teacher is not None:  # teacher-free, G has one term: no shares to measure
         shares = diagnostics.meta_diagnose(
             model, adapter, teacher,
-            diagnostics.fixed_batch(run.train_set, cfg.optim.batch_size, device),
-            **asdict(cfg.distill), reduction=asdict(cfg.reduction))
+            diagnostics.fixed_batch(run.train_set, cfg.optim.batch_size, device), **kwargs)
     run.diagnose = lambda k: {**(shares(k) if shares else {}), **convergence(k)}
 
 
@@ -243,10 +242,9 @@ def _fixed_point(run: StageRun, cfg: Config, model, adapter, teacher, reg: Regul
     run.diagnose = shares
 
     def finish() -> None:
-        batches = (prepare_batch(b, device) for b in torch.utils.data.DataLoader(
-            run.train_set, batch_size=256, shuffle=False, collate_fn=identity_collate))
-        phis = fixed_point_phi(model, adapter, teacher, batches, list(reg.names),
-                               eps=cfg.regularizer.phi_eps, **kwargs)  # rank 0 alone: no reduce
+        batches = (prepare_batch(b, device) for b in _loader(run.train_set, 256, False, cfg, device))
+        phis = fixed_point_phi(model, adapter, teacher, batches, list(reg.names),  # rank 0 alone
+                               eps=cfg.regularizer.phi_eps, **kwargs)
         with torch.no_grad():
             for raw, phi in zip(reg.raw, phis):
                 raw.copy_(phi)
